@@ -7,7 +7,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastfair
 from fastfair.fl.data import synthetic
-from fastfair.fl.runner import BYTES_PER_PARAM, Config, FederatedRunner, train
+from fastfair.fl.runner import (BYTES_PER_PARAM, Config, FederatedRunner, LowRank, Slice,
+                                train)
 
 
 @pytest.fixture(scope="module")
@@ -31,30 +32,90 @@ def test_fair_with_only_full_devices_is_fedavg(data):
         assert torch.equal(a.tables[name], b.tables[name])
 
 
-@pytest.mark.parametrize("method", ["fair", "fair-inconsistent"])
-def test_aggregation_equals_the_naive_weighted_sum_of_expanded_uploads(data, method):
-    runner = FederatedRunner(data, _cfg(method=method, tiers="2:0-1-2-3"))
+def _naive_dense(runner, name, update, view):
+    """A client's upload as a dense table, the slow obvious way (None: columns not held)."""
+    key, spec = f"item_{name}", view.specs[name]
+    if spec is None:
+        return update[f"{key}.weight"]
+    if isinstance(spec, LowRank):
+        return update[f"{key}.left"] @ update[f"{key}.right"]
+    if isinstance(spec, Slice):
+        return update[f"{key}.weight"]
+    return fastfair.expand_dense(update[f"{key}.weight"], spec, backend="reference")
+
+
+@pytest.mark.parametrize("method,tiers", [("fair", "2:0-1-2-3"), ("fair-inconsistent", "2:0-1-2-3"),
+                                          ("fedhm", "2:0-1-2-3"), ("heterofl", "2:0-1-2")])
+def test_aggregation_equals_the_naive_weighted_sum_of_uploads(data, method, tiers):
+    runner = FederatedRunner(data, _cfg(method=method, tiers=tiers))
     uploads = []
-    for client in [0, 1, 2, 3, 4, 5, 6, 7]:
+    for client in runner.eligible[:16].tolist():
         view = runner.view(client)
         model = runner.download(client, view)
         runner.local_train(client, model, torch.Generator().manual_seed(client))
-        uploads.append((model, view, float(data.user_items(client).numel())))
-    total = sum(w for _, _, w in uploads)
+        uploads.append((runner.upload(client, model, view), view,
+                        float(data.user_items(client).numel())))
+    trainable = set(range(len(runner.tiers))) - set(runner.unsupported)
+    assert len(trainable) >= 3 and {v.tier for _, v, _ in uploads} == trainable, \
+        "every tier must take part"
     expect = {}
     for name in runner.tables:
-        acc = torch.zeros_like(runner.tables[name])
-        for model, view, w in uploads:
-            table = getattr(model, f"item_{name}")
-            spec = view.specs[name]
-            dense = table.weight if spec is None else fastfair.expand_dense(table.weight, spec,
-                                                                           backend="reference")
-            acc += (w / total) * dense.detach()
-        expect[name] = acc
-    assert {v.tier for _, v, _ in uploads} == {0, 1, 2, 3}, "every tier must take part"
+        acc = torch.zeros_like(runner.tables[name], dtype=torch.float64)
+        mass = torch.zeros(8, dtype=torch.float64)  # per column, for heterofl
+        for update, view, w in uploads:
+            dense = _naive_dense(runner, name, update, view).double()
+            acc[:, :dense.shape[1]] += w * dense
+            mass[:dense.shape[1]] += w
+        held = mass > 0
+        acc[:, held] /= mass[held]
+        acc[:, ~held] = runner.tables[name][:, ~held].double()
+        expect[name] = acc.float()
     runner._aggregate(uploads)
     for name in runner.tables:
         torch.testing.assert_close(runner.tables[name], expect[name], rtol=1e-5, atol=1e-6)
+
+
+def test_heterofl_keeps_columns_nobody_held(data):
+    runner = FederatedRunner(data, _cfg(method="heterofl", tiers="2:1"))
+    client = int(runner.eligible[0])
+    view = runner.view(client)
+    assert view.specs["gmf"] == Slice(4)
+    before = runner.tables["gmf"].clone()
+    model = runner.download(client, view)
+    runner.local_train(client, model, torch.Generator().manual_seed(0))
+    runner._aggregate([(runner.upload(client, model, view), view, 3.0)])
+    assert torch.equal(runner.tables["gmf"][:, 4:], before[:, 4:])
+    assert torch.equal(runner.tables["gmf"][:, :4], model.item_gmf.weight.detach())
+
+
+def test_fedhm_download_is_the_best_rank_r_approximation(data):
+    runner = FederatedRunner(data, _cfg(method="fedhm", tiers="2:0-2"))
+    client = int(torch.nonzero(runner.tier_of == 1)[0])
+    view = runner.view(client)
+    rank = view.specs["gmf"].rank
+    assert rank == (500 * 8 // 4) // (500 + 8)
+    model = runner.download(client, view)
+    table = runner.tables["gmf"].double()
+    approx = (model.item_gmf.left @ model.item_gmf.right).detach().double()
+    s = torch.linalg.svdvals(table)
+    # Eckart-Young: the truncated SVD's error is the norm of the dropped singular values.
+    torch.testing.assert_close(torch.linalg.norm(table - approx), s[rank:].norm(),
+                               rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("method,fraction", [("fedhm", "1/1024"), ("heterofl", "1/16")])
+def test_baselines_report_the_tiers_they_cannot_represent(method, fraction):
+    data = synthetic(num_users=40, num_items=300, dim=8, max_interactions=100, seed=3)
+    runner = FederatedRunner(data, _cfg(method=method, tiers="2:0-10" if method == "fedhm"
+                                        else "2:0-4"))
+    assert runner.unsupported == [1]
+    assert fraction in runner.unsupported_message()
+    assert bool((runner.tier_of[runner.eligible] == 0).all())
+    rows = runner.describe()
+    assert not rows[1]["supported"] and rows[1]["holds"]["gmf"] == "excluded"
+    runner.run_round()
+    with pytest.raises(ValueError, match="cannot represent any tier"):
+        FederatedRunner(data, _cfg(method=method, tiers="2:10" if method == "fedhm" else "2:4"))
 
 
 def test_download_is_the_projection_and_nests(data):
@@ -111,16 +172,29 @@ def test_user_vectors_stay_private(data):
         assert changed == chosen if name == "gmf" else changed <= chosen
 
 
-def test_bytes_are_exact(data):
-    runner = FederatedRunner(data, _cfg(method="fair", tiers="2:0-3"))
+@pytest.mark.parametrize("method", ["fair", "fedhm", "heterofl"])
+def test_bytes_are_exact(data, method):
+    runner = FederatedRunner(data, _cfg(method=method, tiers="2:0-1"))
+    n, d = data.num_items, 8
     head = sum(p.numel() for p in runner.head.parameters())
     for client in range(10):
         view = runner.view(client)
-        tables = sum(data.num_items * 8 if s is None else s.memory_size
-                     for s in view.specs.values())
+        tables = 0
+        for spec in view.specs.values():
+            if spec is None:
+                tables += n * d
+            elif method == "fair":
+                tables += spec.memory_size
+            elif method == "fedhm":
+                tables += (n + d) * spec.rank
+            else:
+                tables += n * spec.width
         assert runner.payload_bytes(view) == (tables + head) * BYTES_PER_PARAM
+        model = runner.download(client, view)
+        sent = sum(t.numel() for t in runner.upload(client, model, view).values())
+        assert runner.payload_bytes(view) == sent * BYTES_PER_PARAM
     stats = runner.run_round()
-    assert stats["bytes_down"] == sum(t["down"] for t in stats["bytes_by_tier"].values())
+    assert stats["bytes_down"] == sum(t["bytes_down"] for t in stats["by_tier"].values())
     assert stats["bytes_up"] == stats["bytes_down"]
 
 
@@ -140,7 +214,10 @@ def test_training_learns_on_the_synthetic_default(data):
 @pytest.mark.parametrize("kw,match", [
     (dict(method="fedprox"), "method must be one of"),
     (dict(clients_per_round=61), "clients_per_round=61 is larger than the number of clients"),
-    (dict(method="exclusion", tiers="2:1-2"), "needs a full-capacity tier"),
+    (dict(method="exclusion", tiers="2:1-2"), "cannot represent any tier of .2:1-2.: tiers with capacity 1/2, 1/4 sit out"),
+    (dict(dropout=1.0), "dropout must be a probability"),
+    (dict(optimizer_state="shared"), "optimizer_state must be one of"),
+    (dict(seed=-1), "seed must be a non-negative int"),
     (dict(lr=0), "lr must be a positive number"),
     (dict(rounds=0), "rounds must be a positive int"),
     (dict(tiers="2:"), "tier spec '2:'"),
@@ -148,3 +225,126 @@ def test_training_learns_on_the_synthetic_default(data):
 def test_bad_configs(data, kw, match):
     with pytest.raises(ValueError, match=match):
         FederatedRunner(data, _cfg(**kw))
+
+
+class _Poisoning(FederatedRunner):
+    """A runner whose clients upload ``bad(update)`` except the ones listed in ``good``."""
+
+    def __init__(self, data, config, bad, good=()):
+        super().__init__(data, config)
+        self.bad, self.good, self.sent = bad, set(good), {}
+
+    def upload(self, client, model, view):
+        update = super().upload(client, model, view)
+        if client in self.good:
+            self.sent[client] = (update, view)
+            return update
+        return self.bad(dict(update))
+
+
+def _nan(update):
+    key = next(iter(update))
+    update[key] = update[key].clone()
+    update[key].view(-1)[0] = float("nan")
+    return update
+
+
+@pytest.mark.parametrize("bad,reason", [
+    (_nan, "NaN or Inf"),
+    (lambda u: {k: v[:-1] for k, v in u.items()}, "has shape"),
+    (lambda u: {k: v.double() for k, v in u.items()}, "not a float32 tensor"),
+    (lambda u: {**u, "user_gmf": torch.zeros(8)}, "unexpected ['user_gmf']"),
+    (lambda u: {k: v for k, v in u.items() if not k.startswith("head.")}, "tensors missing"),
+    (lambda u: [u], "not a dict"),
+])
+def test_bad_updates_are_rejected_and_never_averaged(data, bad, reason):
+    runner = _Poisoning(data, _cfg(method="fair", tiers="2:0-2"), bad)
+    tables = {k: v.clone() for k, v in runner.tables.items()}
+    head = {k: v.clone() for k, v in runner.head.state_dict().items()}
+    stats = runner.run_round()
+    assert stats["rejected"] == stats["clients"] == 6 and runner.totals["rejected"] == 6
+    assert all(reason in r for r in stats["rejections"]), stats["rejections"]
+    for k in tables:
+        assert torch.equal(runner.tables[k], tables[k])
+    for k, v in runner.head.state_dict().items():
+        assert torch.equal(v, head[k])
+
+
+def test_aggregation_renormalises_over_the_accepted_updates(data):
+    probe = FederatedRunner(data, _cfg(method="fair", tiers="2:0-2"))
+    first = int(probe.eligible[torch.randperm(probe.eligible.numel(), generator=probe.gen)[0]])
+    runner = _Poisoning(data, _cfg(method="fair", tiers="2:0-2"), _nan, good=[first])
+    stats = runner.run_round()
+    assert stats["rejected"] == 5
+    update, view = runner.sent[first]
+    for name in runner.tables:
+        # One accepted update carries all the weight, whatever its data size.
+        expect = _naive_dense(runner, name, update, view)
+        torch.testing.assert_close(runner.tables[name], expect, rtol=1e-5, atol=1e-6)
+    for k, v in runner.head.state_dict().items():
+        torch.testing.assert_close(v, update[f"head.{k}"])
+
+
+def test_dropout_counts_and_renormalises(data):
+    runner = FederatedRunner(data, _cfg(method="fair", tiers="2:0-1", dropout=0.5,
+                                        clients_per_round=20))
+    seen = []
+    original = runner._aggregate
+    runner._aggregate = lambda uploads: (seen.append(len(uploads)), original(uploads))
+    stats = [runner.run_round() for _ in range(3)]
+    dropped = sum(s["dropped"] for s in stats)
+    assert 0 < dropped < 60 and runner.totals["dropped"] == dropped
+    assert seen == [s["returned"] for s in stats] == [20 - s["dropped"] for s in stats]
+    for s in stats:
+        assert s["bytes_up"] < s["bytes_down"]
+        assert sum(t["dropped"] for t in s["by_tier"].values()) == s["dropped"]
+    assert all(torch.isfinite(t).all() for t in runner.tables.values())
+
+
+def _state_equal(a, b):
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(
+            _state_equal(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(_state_equal(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+@pytest.mark.parametrize("method", ["fair", "fedhm", "heterofl", "fair-inconsistent"])
+def test_resume_continues_bit_identically(data, method, tmp_path):
+    cfg = _cfg(method=method, tiers="2:0-1-2", dropout=0.3, optimizer_state="persistent",
+               clients_per_round=10)
+    straight = FederatedRunner(data, cfg)
+    for _ in range(4):
+        straight.run_round()
+    first = FederatedRunner(data, cfg)
+    for _ in range(2):
+        first.run_round()
+    path = tmp_path / "ckpt.pt"
+    first.save(path)
+    del first
+    torch.load(path, weights_only=True)  # the format a user can load safely
+    resumed = FederatedRunner.load(path, data)
+    assert resumed.round_index == 2 and resumed.optimizer_states
+    for _ in range(2):
+        resumed.run_round()
+    assert _state_equal(resumed.state_dict(), straight.state_dict())
+    assert resumed.evaluate() == straight.evaluate()
+
+
+def test_checkpoints_refuse_other_data_and_other_files(data, tmp_path):
+    runner = FederatedRunner(data, _cfg())
+    runner.run_round()
+    runner.save(tmp_path / "ckpt.pt")
+    other = synthetic(num_users=60, num_items=500, dim=8, seed=2)
+    with pytest.raises(ValueError, match="different data"):
+        FederatedRunner.load(tmp_path / "ckpt.pt", other)
+    torch.save({"weights": torch.zeros(3)}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="not a fastfair runner checkpoint"):
+        FederatedRunner.load(tmp_path / "other.pt", data)
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        FederatedRunner.load(tmp_path / "missing.pt", data)
+    with pytest.raises(ValueError, match=r"different config: \['lr'\]"):
+        FederatedRunner(data, _cfg(lr=0.5)).load_state_dict(runner.state_dict())

@@ -7,16 +7,44 @@ NeuMF (GMF + one-layer MLP + prediction layer), for user vectors ``p, p'`` and i
     s(u, i) = a . h + c                            (a logit)
 
 MF is ``s(u, i) = p . q``. Item tables are any module mapping item ids to rows: a dense
-``torch.nn.Embedding`` on a full-capacity device, a ``fastfair.nn.HashedEmbedding`` elsewhere.
+``torch.nn.Embedding`` on a full-capacity device, a ``fastfair.nn.HashedEmbedding`` under FAIR,
+and the baselines' ``LowRankEmbedding`` (FedHM) and ``SlicedEmbedding`` (HeteroFL).
 """
 from __future__ import annotations
 
 from typing import Callable, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 ARCHS = ("neumf", "mf")
+
+
+class LowRankEmbedding(nn.Module):
+    """FedHM's item table: ``V = L R`` with ``L`` [n, r] and ``R`` [r, d]; row ``i`` is
+    ``L[i] R``. Holds ``(n + d) r`` numbers and never forms ``V``."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, rank: int):
+        super().__init__()
+        self.left = nn.Parameter(torch.zeros(num_embeddings, rank))
+        self.right = nn.Parameter(torch.zeros(rank, embedding_dim))
+
+    def forward(self, items: Tensor) -> Tensor:
+        return self.left[items] @ self.right
+
+
+class SlicedEmbedding(nn.Module):
+    """HeteroFL's item table: the first ``w`` of ``d`` columns, ``weight`` [n, w]; row ``i`` is
+    ``[weight[i], 0, ..., 0]`` (the columns the device does not hold read as zero)."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, width: int):
+        super().__init__()
+        self.embedding_dim = embedding_dim
+        self.weight = nn.Parameter(torch.zeros(num_embeddings, width))
+
+    def forward(self, items: Tensor) -> Tensor:
+        return F.pad(self.weight[items], (0, self.embedding_dim - self.weight.shape[1]))
 
 
 class Head(nn.Module):

@@ -6,7 +6,7 @@ item tables, trains ``E`` local epochs on its own interactions, and uploads its 
 A client's user vectors are private state: they stay on the client across rounds and are never
 averaged or sent.
 
-Views of an item table, by method:
+Views of an item table ``T`` for a device of capacity ``c`` (a fraction of ``n d``), by method:
 
 * ``fedavg-full``: every device holds the dense table (the upper bound that ignores memory).
 * ``exclusion``: only devices of full capacity are sampled; they hold the dense table.
@@ -20,15 +20,33 @@ Views of an item table, by method:
   per-client dense temporary beyond the one accumulator.
 * ``fair-inconsistent``: as ``fair`` but every device hashes with its own seed (the ablation), so
   each upload is expanded on its own.
+* ``fedhm``: the device holds ``T ~ L R`` of rank ``r = floor(n d c / (n + d))`` (the same
+  parameter count), downloaded as the truncated SVD ``L = U_r S_r^(1/2)``, ``R = S_r^(1/2) V_r^T``;
+  the server adds ``p_c L_c R_c`` into the accumulator (one fused ``addmm``). Tiers with ``r = 0``
+  cannot be represented: their devices sit out and ``unsupported`` names them.
+* ``heterofl``: the device holds the first ``w = floor(d c)`` columns of ``T``; each column is
+  averaged over the devices that hold it (weights renormalised per column), columns nobody
+  uploaded keep their value. Tiers with ``w = 0`` sit out like FedHM's.
 
-``p_c`` is proportional to the client's number of training interactions. The head is averaged
-with the same weights.
+``p_c`` is proportional to the client's number of training interactions, over the clients whose
+update arrived and passed the checks (see ``check_update``): a client drops out of a round with
+probability ``dropout`` after its download, and an update with a missing or extra tensor, a wrong
+shape or dtype, or a NaN/Inf is rejected and counted, never averaged in. The head is averaged with
+the same weights.
+
+``save``/``load`` checkpoint everything a later round depends on (global model, private user
+vectors, persistent optimizer states, the random generator, counters), so a resumed run continues
+bit-identically; checkpoints hold only tensors and plain containers and load with
+``torch.load(weights_only=True)``.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import time
+from typing import Optional, Union
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -38,22 +56,29 @@ from ..kernels.functional import HashSpec
 from ..nn import HashedEmbedding
 from . import metrics
 from .data import InteractionData
-from .model import ARCHS, ClientModel, Head, score
+from .model import ARCHS, ClientModel, Head, LowRankEmbedding, SlicedEmbedding, score
 from .tiers import assign_tiers, parse_tiers, tier_specs
 
-METHODS = ("fair", "fedavg-full", "exclusion", "fair-inconsistent")
+METHODS = ("fair", "fedavg-full", "exclusion", "fedhm", "heterofl", "fair-inconsistent")
 OPTIMIZERS = ("adam", "sgd")
+OPTIMIZER_STATES = ("fresh", "persistent")
 LOSSES = ("bpr", "bce")
 ASSIGNMENTS = ("random", "activity")
 BYTES_PER_PARAM = 4  # float32 on the wire
 INIT_STD = 0.01
 # Seeds of the inconsistent ablation: far from the shared seed so no device reuses it.
 INCONSISTENT_SEED_BASE = 1 << 20
+CHECKPOINT_FORMAT = 1
 
 
 @dataclasses.dataclass
 class Config:
-    """One federated experiment. ``tiers`` uses ``fastfair.fl.tiers.parse_tiers`` notation."""
+    """One federated experiment. ``tiers`` uses ``fastfair.fl.tiers.parse_tiers`` notation.
+
+    ``optimizer_state``: ``"fresh"`` gives a client a new optimizer every round (the reference
+    code), ``"persistent"`` keeps each client's optimizer state on the client across rounds.
+    ``dropout``: probability that a sampled client never returns its update.
+    """
 
     method: str = "fair"
     arch: str = "neumf"
@@ -66,9 +91,11 @@ class Config:
     batch_size: int = 512
     lr: float = 1e-3
     optimizer: str = "adam"
+    optimizer_state: str = "fresh"
     loss: str = "bpr"
     negatives: int = 1
     chunk_size: int = 1
+    dropout: float = 0.0
     seed: int = 0
     eval_every: int = 5
     ks: tuple = (10,)
@@ -76,7 +103,8 @@ class Config:
     def check(self, data: InteractionData) -> None:
         """A clear ValueError for the first bad setting."""
         for name, allowed in (("method", METHODS), ("arch", ARCHS), ("optimizer", OPTIMIZERS),
-                              ("loss", LOSSES), ("assignment", ASSIGNMENTS)):
+                              ("optimizer_state", OPTIMIZER_STATES), ("loss", LOSSES),
+                              ("assignment", ASSIGNMENTS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         for name in ("dim", "clients_per_round", "rounds", "local_epochs", "batch_size",
@@ -84,16 +112,40 @@ class Config:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"seed must be a non-negative int, got {self.seed!r}")
         if not (isinstance(self.lr, (int, float)) and self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"lr must be a positive number, got {self.lr!r}")
+        if not (isinstance(self.dropout, (int, float)) and 0 <= self.dropout < 1):
+            raise ValueError(f"dropout must be a probability in [0, 1), got {self.dropout!r}")
+        ks = self.ks if isinstance(self.ks, (tuple, list)) else (self.ks,)
+        if not ks or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in ks):
+            raise ValueError(f"ks must be positive ints, got {self.ks!r}")
         if self.clients_per_round > data.num_users:
             raise ValueError(f"clients_per_round={self.clients_per_round} is larger than the "
                              f"number of clients ({data.num_users} users)")
 
 
+@dataclasses.dataclass(frozen=True)
+class LowRank:
+    """FedHM's view of a table: rank ``rank`` factors."""
+
+    rank: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Slice:
+    """HeteroFL's view of a table: its first ``width`` columns."""
+
+    width: int
+
+
+TableView = Union[None, HashSpec, LowRank, Slice]  # None: the dense table
+
+
 @dataclasses.dataclass
 class ClientView:
-    """What one device holds: the spec of each item table (``None`` = dense)."""
+    """What one device holds: the view of each item table."""
 
     tier: int
     specs: dict
@@ -115,44 +167,93 @@ class FederatedRunner:
         self.tier_specs = {name: [None if s is None else dataclasses.replace(s, seed=s.seed + k)
                                   for s in base]
                            for k, name in enumerate(self._table_names())}
-        self.full_tiers = [t for t, tier in enumerate(self.tiers) if tier.fraction == 1]
-        if config.method == "exclusion" and not self.full_tiers:
-            raise ValueError(f"method 'exclusion' needs a full-capacity tier (fraction 1) in "
-                             f"tiers {config.tiers!r}")
-        self.eligible = torch.arange(data.num_users)
-        if config.method == "exclusion":
-            self.eligible = torch.nonzero(torch.isin(self.tier_of,
-                                                     torch.tensor(self.full_tiers))).flatten()
-            if config.clients_per_round > self.eligible.numel():
-                raise ValueError(f"clients_per_round={config.clients_per_round} is larger than "
-                                 f"the {self.eligible.numel()} full-capacity clients")
+        self.layout = {name: [self._tier_view(name, t) for t in range(len(self.tiers))]
+                       for name in self._table_names()}
+        # A tier the method cannot represent has no view of its first table.
+        self.unsupported = [t for t in range(len(self.tiers))
+                            if self.layout[self._table_names()[0]][t] is _EXCLUDED]
+        supported = [t for t in range(len(self.tiers)) if t not in self.unsupported]
+        if not supported:
+            raise ValueError(f"method {config.method!r} cannot represent any tier of "
+                             f"{config.tiers!r}: {self._why_unsupported()}")
+        self.eligible = torch.nonzero(torch.isin(self.tier_of, torch.tensor(supported))).flatten()
+        if config.clients_per_round > self.eligible.numel():
+            raise ValueError(f"clients_per_round={config.clients_per_round} is larger than the "
+                             f"{self.eligible.numel()} clients method {config.method!r} can train")
         self.gen = torch.Generator().manual_seed(config.seed)
         self.tables = {name: torch.randn(n, d, generator=self.gen) * INIT_STD
                        for name in self._table_names()}
         # Private per-client state, kept here only because clients are simulated in-process.
         self.user_vectors = {name: torch.randn(data.num_users, d, generator=self.gen) * INIT_STD
                              for name in self._table_names()}
+        self.optimizer_states: dict = {}
         self.head = None
         if config.arch == "neumf":
             with torch.random.fork_rng():
                 torch.manual_seed(config.seed)
                 self.head = Head(d)
         self._counts: dict = {}
+        self._svd: dict = {}
         self.round_index = 0
-        self.bytes_total = {"down": 0, "up": 0}
+        self.totals = {"bytes_down": 0, "bytes_up": 0, "dropped": 0, "rejected": 0}
 
     def _table_names(self) -> tuple:
         return ("gmf",) if self.cfg.arch == "mf" else ("gmf", "mlp")
 
     # ------------------------------------------------------------------ what each device holds
+    def _tier_view(self, name: str, t: int):
+        """The view every device of tier ``t`` gets of table ``name`` (before per-device seeds)."""
+        n, d = self.data.num_items, self.cfg.dim
+        method, fraction = self.cfg.method, self.tiers[t].fraction
+        if method == "fedavg-full" or fraction == 1:
+            return None
+        if method == "exclusion":
+            return _EXCLUDED
+        if method == "fedhm":
+            rank = math.floor(n * d * fraction / (n + d))
+            return LowRank(rank) if rank >= 1 else _EXCLUDED
+        if method == "heterofl":
+            width = math.floor(d * fraction)
+            return Slice(width) if width >= 1 else _EXCLUDED
+        return self.tier_specs[name][t]
+
+    def _why_unsupported(self) -> str:
+        n, d = self.data.num_items, self.cfg.dim
+        reason = {"exclusion": "only full-capacity devices train",
+                  "fedhm": f"rank floor(n d c / (n + d)) is 0 for n={n}, d={d}",
+                  "heterofl": f"width floor(d c) is 0 for d={d}"}.get(self.cfg.method, "")
+        fractions = ", ".join(self.tiers[t].label for t in self.unsupported)
+        return f"tiers with capacity {fractions} sit out ({reason})"
+
+    def describe(self) -> list:
+        """One row per tier: capacity, share, devices, what a device holds of each table, the
+        bytes of one download (= one upload), and whether the method can train it."""
+        rows = []
+        counts = torch.bincount(self.tier_of, minlength=len(self.tiers)).tolist()
+        for t, tier in enumerate(self.tiers):
+            supported = t not in self.unsupported
+            holds = {name: _view_name(self.layout[name][t]) for name in self._table_names()}
+            rows.append({"tier": t, "fraction": tier.fraction, "label": tier.label,
+                         "share": tier.share, "clients": counts[t],
+                         "supported": supported, "holds": holds,
+                         "payload_bytes": (self.payload_bytes(ClientView(t, {
+                             name: self.layout[name][t] for name in self._table_names()}))
+                             if supported else 0)})
+        return rows
+
+    def unsupported_message(self) -> Optional[str]:
+        """Which tiers this method cannot train and why, or None."""
+        return self._why_unsupported() if self.unsupported else None
+
     def view(self, client: int) -> ClientView:
         tier = int(self.tier_of[client])
+        if tier in self.unsupported:
+            raise ValueError(f"client {client} is in tier {tier}, which method "
+                             f"{self.cfg.method!r} cannot train")
         specs = {}
         for k, name in enumerate(self._table_names()):
-            spec = self.tier_specs[name][tier]
-            if self.cfg.method in ("fedavg-full", "exclusion"):
-                spec = None
-            elif self.cfg.method == "fair-inconsistent" and spec is not None:
+            spec = self.layout[name][tier]
+            if self.cfg.method == "fair-inconsistent" and spec is not None:
                 spec = dataclasses.replace(spec, seed=INCONSISTENT_SEED_BASE + 2 * client + k)
             specs[name] = spec
         return ClientView(tier, specs)
@@ -162,30 +263,66 @@ class FederatedRunner:
             self._counts[spec] = slot_counts(spec)
         return self._counts[spec]
 
+    def _table_shapes(self, name: str, spec: TableView) -> dict:
+        n, d = self.data.num_items, self.cfg.dim
+        key = f"item_{name}"
+        if spec is None:
+            return {f"{key}.weight": (n, d)}
+        if isinstance(spec, HashSpec):
+            return {f"{key}.weight": (spec.memory_size,)}
+        if isinstance(spec, LowRank):
+            return {f"{key}.left": (n, spec.rank), f"{key}.right": (spec.rank, d)}
+        return {f"{key}.weight": (n, spec.width)}
+
+    def expected_update(self, view: ClientView) -> dict:
+        """Name -> shape of every tensor a client with ``view`` uploads (float32)."""
+        shapes = {}
+        for name, spec in view.specs.items():
+            shapes.update(self._table_shapes(name, spec))
+        if self.head is not None:
+            shapes.update({f"head.{k}": tuple(v.shape) for k, v in self.head.state_dict().items()})
+        return shapes
+
     def payload_bytes(self, view: ClientView) -> int:
         """Bytes of one download (= one upload): the item tables and the head."""
-        n, d = self.data.num_items, self.cfg.dim
-        params = sum(n * d if s is None else s.memory_size for s in view.specs.values())
-        if self.head is not None:
-            params += sum(p.numel() for p in self.head.parameters())
-        return params * BYTES_PER_PARAM
+        return BYTES_PER_PARAM * sum(math.prod(s) for s in self.expected_update(view).values())
 
     # ------------------------------------------------------------------ download / train / upload
+    def _factors(self, name: str, rank: int) -> tuple:
+        if name not in self._svd:
+            self._svd[name] = torch.linalg.svd(self.tables[name], full_matrices=False)
+        u, s, vh = self._svd[name]
+        root = s[:rank].sqrt()
+        return u[:, :rank] * root, root[:, None] * vh[:rank]
+
     def download(self, client: int, view: ClientView) -> ClientModel:
-        """The device's model: the projection of each global table onto its subspace, the head,
-        and the client's own private user vectors."""
+        """The device's model: its view of each global table, the head, and the client's own
+        private user vectors."""
         n, d = self.data.num_items, self.cfg.dim
 
         def make_table(name):
             spec = view.specs[name]
+            table = self.tables[name]
             if spec is None:
-                return nn.Embedding.from_pretrained(self.tables[name].clone(), freeze=False)
-            table = HashedEmbedding(n, d, memory_size=spec.memory_size,
-                                    chunk_size=spec.chunk_size, seed=spec.seed,
-                                    signed=spec.signed)
+                return nn.Embedding.from_pretrained(table.clone(), freeze=False)
+            if isinstance(spec, LowRank):
+                module = LowRankEmbedding(n, d, spec.rank)
+                left, right = self._factors(name, spec.rank)
+                with torch.no_grad():
+                    module.left.copy_(left)
+                    module.right.copy_(right)
+                return module
+            if isinstance(spec, Slice):
+                module = SlicedEmbedding(n, d, spec.width)
+                with torch.no_grad():
+                    module.weight.copy_(table[:, :spec.width])
+                return module
+            module = HashedEmbedding(n, d, memory_size=spec.memory_size,
+                                     chunk_size=spec.chunk_size, seed=spec.seed,
+                                     signed=spec.signed)
             with torch.no_grad():
-                table.weight.copy_(project_dense(self.tables[name], spec, self.counts(spec)))
-            return table
+                module.weight.copy_(project_dense(table, spec, self.counts(spec)))
+            return module
 
         model = ClientModel(self.cfg.arch, n, d, make_table)
         with torch.no_grad():
@@ -203,6 +340,9 @@ class FederatedRunner:
         pos = self.data.user_items(client)
         opt_cls = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.SGD
         opt = opt_cls(model.parameters(), lr=cfg.lr)
+        persistent = cfg.optimizer_state == "persistent"
+        if persistent and client in self.optimizer_states:
+            opt.load_state_dict(self.optimizer_states[client])
         last = 0.0
         for _ in range(cfg.local_epochs):
             order = pos[torch.randperm(pos.numel(), generator=gen)]
@@ -224,70 +364,126 @@ class FederatedRunner:
                 opt.step()
                 total += float(loss.detach()) * p.numel()
             last = total / max(pos.numel(), 1)
+        if persistent:
+            self.optimizer_states[client] = opt.state_dict()
         return last
 
+    def upload(self, client: int, model: ClientModel, view: ClientView) -> dict:
+        """What the client sends: every shared parameter (never its user vectors)."""
+        return {k: v.detach() for k, v in model.named_parameters() if not k.startswith("user_")}
+
+    def check_update(self, update, view: ClientView) -> Optional[str]:
+        """Why ``update`` must be rejected, or None when it is well-formed and finite."""
+        if not isinstance(update, dict):
+            return f"update is a {type(update).__name__}, not a dict"
+        expected = self.expected_update(view)
+        if set(update) != set(expected):
+            missing, extra = sorted(set(expected) - set(update)), sorted(set(update) - set(expected))
+            return f"tensors missing {missing}, unexpected {extra}"
+        for key, shape in expected.items():
+            t = update[key]
+            if not isinstance(t, Tensor) or t.dtype != torch.float32:
+                return f"{key} is not a float32 tensor"
+            if tuple(t.shape) != shape:
+                return f"{key} has shape {tuple(t.shape)}, expected {shape}"
+            if not bool(torch.isfinite(t).all()):
+                return f"{key} has NaN or Inf values"
+        return None
+
     def _aggregate(self, uploads: list) -> None:
-        """Weighted average of the uploads into the global tables and head (see module doc)."""
+        """Weighted average of the accepted uploads ``(update, view, weight)`` into the global
+        tables and head (see module doc)."""
         n, d = self.data.num_items, self.cfg.dim
         total = sum(w for _, _, w in uploads)
         for name in self._table_names():
+            key = f"item_{name}"
             acc = torch.zeros(n, d)
+            column_weight = torch.zeros(d, dtype=torch.float64)
             arrays, weights = [], []  # consistent hashed uploads, summed at the largest size
-            for model, view, w in uploads:
+            for update, view, w in uploads:
                 p = w / total
                 spec = view.specs[name]
-                weight = getattr(model, f"item_{name}").weight.detach()
+                if isinstance(spec, Slice):
+                    acc[:, :spec.width] += p * update[f"{key}.weight"]
+                    column_weight[:spec.width] += p
+                    continue
+                column_weight += p
                 if spec is None:
-                    acc += p * weight
+                    acc += p * update[f"{key}.weight"]
+                elif isinstance(spec, LowRank):
+                    acc.addmm_(update[f"{key}.left"], update[f"{key}.right"], alpha=p)
                 elif self.cfg.method == "fair":
-                    arrays.append(weight)
+                    arrays.append(update[f"{key}.weight"])
                     weights.append(p)
                 else:
-                    acc += p * expand_dense(weight, spec)
+                    acc += p * expand_dense(update[f"{key}.weight"], spec)
             if arrays:
                 big = max((s for s in self.tier_specs[name] if s is not None),
                           key=lambda s: s.memory_size)
                 acc += expand_dense(aggregate(arrays, weights, big.memory_size), big)
+            if self.cfg.method == "heterofl":
+                held = column_weight > 0
+                acc[:, held] /= column_weight[held].float()
+                acc[:, ~held] = self.tables[name][:, ~held]
             self.tables[name] = acc
         if self.head is not None:
             state = {k: torch.zeros_like(v) for k, v in self.head.state_dict().items()}
-            for model, _, w in uploads:
-                for k, v in model.head.state_dict().items():
-                    state[k] += (w / total) * v
+            for update, _, w in uploads:
+                for k in state:
+                    state[k] += (w / total) * update[f"head.{k}"]
             self.head.load_state_dict(state)
 
     def run_round(self) -> dict:
-        """One round; returns its statistics (clients, mean loss, bytes per tier, seconds)."""
+        """One round; returns its statistics: clients sampled, returned, dropped and rejected
+        (with the reasons), mean loss, bytes per tier and in total, seconds."""
         t0 = time.perf_counter()
+        self._svd.clear()
         pick = torch.randperm(self.eligible.numel(), generator=self.gen)[:self.cfg.clients_per_round]
         clients = self.eligible[pick].tolist()
-        uploads, losses = [], []
+        # Drawn even when dropout is 0 so runs that differ only in dropout sample alike.
+        drops = (torch.rand(len(clients), generator=self.gen) < self.cfg.dropout).tolist()
+        uploads, losses, reasons = [], [], []
         per_tier: dict = {}
-        for client in clients:
+        for client, dropped in zip(clients, drops):
             view = self.view(client)
+            nbytes = self.payload_bytes(view)
+            tier = per_tier.setdefault(self.tiers[view.tier].label,
+                                       {"clients": 0, "dropped": 0, "rejected": 0,
+                                        "bytes_down": 0, "bytes_up": 0})
+            tier["clients"] += 1
+            tier["bytes_down"] += nbytes
+            if dropped:
+                tier["dropped"] += 1
+                continue
             model = self.download(client, view)
             losses.append(self.local_train(client, model, self.gen))
             with torch.no_grad():
                 self.user_vectors["gmf"][client] = model.user_gmf
                 if self.head is not None:
                     self.user_vectors["mlp"][client] = model.user_mlp
-            weight = float(self.data.user_items(client).numel())
-            uploads.append((model, view, weight))
-            nbytes = self.payload_bytes(view)
-            tier = per_tier.setdefault(self.tiers[view.tier].fraction,
-                                       {"clients": 0, "down": 0, "up": 0})
-            tier["clients"] += 1
-            tier["down"] += nbytes
-            tier["up"] += nbytes
-        self._aggregate(uploads)
+            update = self.upload(client, model, view)
+            tier["bytes_up"] += nbytes
+            reason = self.check_update(update, view)
+            if reason is not None:
+                tier["rejected"] += 1
+                reasons.append(f"client {client}: {reason}")
+                continue
+            uploads.append((update, view, float(self.data.user_items(client).numel())))
+        if uploads:
+            self._aggregate(uploads)
         self.round_index += 1
-        down = sum(t["down"] for t in per_tier.values())
-        self.bytes_total["down"] += down
-        self.bytes_total["up"] += down
-        return {"round": self.round_index, "clients": len(clients),
-                "loss": sum(losses) / len(losses), "bytes_down": down, "bytes_up": down,
-                "bytes_by_tier": {str(k): v for k, v in per_tier.items()},
-                "seconds": time.perf_counter() - t0}
+        stats = {"round": self.round_index, "clients": len(clients),
+                 "returned": len(clients) - sum(drops),
+                 "dropped": sum(t["dropped"] for t in per_tier.values()),
+                 "rejected": len(reasons), "rejections": reasons,
+                 "loss": sum(losses) / len(losses) if losses else math.nan,
+                 "bytes_down": sum(t["bytes_down"] for t in per_tier.values()),
+                 "bytes_up": sum(t["bytes_up"] for t in per_tier.values()),
+                 "by_tier": per_tier}
+        for key in ("bytes_down", "bytes_up", "dropped", "rejected"):
+            self.totals[key] += stats[key]
+        stats["seconds"] = time.perf_counter() - t0
+        return stats
 
     # ------------------------------------------------------------------ evaluation
     def _rows(self, users: Tensor, items: Tensor) -> Tensor:
@@ -310,6 +506,89 @@ class FederatedRunner:
             lambda u: self._rows(u, everything.expand(u.numel(), -1)), users, data.train_indptr,
             data.train_items, data.test_indptr, data.test_items, data.num_items, ks=ks)
 
+    # ------------------------------------------------------------------ checkpoints
+    def _fingerprint(self) -> dict:
+        d = self.data
+        # A position-weighted sum of the train items tells apart datasets of equal sizes.
+        position = torch.arange(d.num_train, dtype=torch.int64) % 65521 + 1
+        return {"name": d.name, "num_users": d.num_users, "num_items": d.num_items,
+                "num_train": d.num_train, "protocol": d.protocol,
+                "checksum": int((d.train_items * position).sum())}
+
+    def state_dict(self) -> dict:
+        """Everything later rounds depend on, as tensors and plain containers."""
+        return {"format": CHECKPOINT_FORMAT, "config": dataclasses.asdict(self.cfg),
+                "data": self._fingerprint(), "round": self.round_index,
+                "totals": dict(self.totals), "generator": self.gen.get_state(),
+                "tables": dict(self.tables), "user_vectors": dict(self.user_vectors),
+                "head": None if self.head is None else self.head.state_dict(),
+                "optimizer_states": dict(self.optimizer_states)}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore ``state_dict()``; the config and data must be the ones it was taken with."""
+        if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(f"not a fastfair runner checkpoint of format {CHECKPOINT_FORMAT}")
+        config = dataclasses.asdict(self.cfg)
+        if state["config"] != config:
+            diff = sorted(k for k in config if state["config"].get(k) != config[k])
+            raise ValueError(f"checkpoint was taken with a different config: {diff}")
+        if state["data"] != self._fingerprint():
+            raise ValueError(f"checkpoint was taken on different data: {state['data']} vs "
+                             f"{self._fingerprint()}")
+        for name in self._table_names():
+            self.tables[name] = state["tables"][name].clone()
+            self.user_vectors[name] = state["user_vectors"][name].clone()
+        if self.head is not None:
+            self.head.load_state_dict(state["head"])
+        self.gen.set_state(state["generator"])
+        self.round_index = int(state["round"])
+        self.totals = dict(state["totals"])
+        self.optimizer_states = dict(state["optimizer_states"])
+        self._svd.clear()
+
+    def save(self, path) -> None:
+        """Write a checkpoint atomically (a crash mid-write leaves the previous one intact)."""
+        path = os.fspath(path)
+        tmp = f"{path}.tmp"
+        torch.save(self.state_dict(), tmp)
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path, data: InteractionData) -> "FederatedRunner":
+        """A runner that continues the checkpointed run on ``data`` exactly where it stopped."""
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"no checkpoint at {path}")
+        state = torch.load(path, weights_only=True)
+        if not isinstance(state, dict) or "config" not in state:
+            raise ValueError(f"{path} is not a fastfair runner checkpoint")
+        config = state["config"]
+        config["ks"] = tuple(config["ks"])
+        runner = cls(data, Config(**config))
+        runner.load_state_dict(state)
+        return runner
+
+
+class _Excluded:
+    """Marks a tier the method cannot represent (its devices sit out)."""
+
+    def __repr__(self) -> str:
+        return "excluded"
+
+
+_EXCLUDED = _Excluded()
+
+
+def _view_name(spec) -> str:
+    if spec is _EXCLUDED:
+        return "excluded"
+    if spec is None:
+        return "dense"
+    if isinstance(spec, HashSpec):
+        return f"hashed {spec.memory_size:,}"
+    if isinstance(spec, LowRank):
+        return f"rank {spec.rank}"
+    return f"{spec.width} columns"
+
 
 def train(data: InteractionData, config: Config, on_eval=None) -> list:
     """Run every round, evaluating every ``eval_every`` rounds and after the last; returns the
@@ -320,7 +599,7 @@ def train(data: InteractionData, config: Config, on_eval=None) -> list:
         stats = runner.run_round()
         if r % config.eval_every == 0 or r == config.rounds:
             rec = {"method": config.method, "tiers": config.tiers, **stats, **runner.evaluate(),
-                   "bytes_total": dict(runner.bytes_total)}
+                   "totals": dict(runner.totals)}
             records.append(rec)
             if on_eval is not None:
                 on_eval(rec)

@@ -73,6 +73,19 @@ class Tier:
                 raise ValueError(f"tier {name} must be in (0, 1], got {value}")
             object.__setattr__(self, name, value)
 
+    @property
+    def label(self) -> str:
+        """The fraction as people write it: ``"1"``, ``"1/1024"``, ``"0.3"``."""
+        return fraction_label(self.fraction)
+
+
+def fraction_label(value: float) -> str:
+    """``1/2**k`` and other simple fractions as ``"a/b"``; anything else as ``%g``."""
+    exact = Fraction(value).limit_denominator(1 << 20)
+    if float(exact) == value and exact.denominator > 1 and exact.numerator < 10:
+        return f"{exact.numerator}/{exact.denominator}"
+    return f"{value:g}"
+
 
 TierSpec = Union[str, Sequence[Union[Tier, Sequence[float]]]]
 
