@@ -16,6 +16,8 @@ so a change of the contract must also touch this file (or clear ``__pycache__``)
 """
 from __future__ import annotations
 
+import functools
+import os
 import threading
 
 import numba
@@ -26,6 +28,31 @@ from numba import njit, prange
 from . import hashing
 
 NAME = "numba"
+
+# Without TBB numba takes its OpenMP layer, whose runtime resets the process-wide OpenMP thread
+# count that torch reads (torch.set_num_threads(1) read back 2 after our first launch) and whose
+# workers spin-wait after every launch; torch's own OpenMP pool then fights them for the cores.
+# Measured on the 2-core VM: one local epoch of a 1/2-capacity Goodreads client took 1.1-2.6 s
+# with the OpenMP layer and 0.2 s with the workqueue layer; a fused Adam step 34 ms and 6 ms.
+# Unless the user picked a layer, prefer TBB, then the workqueue layer, which leaves torch alone
+# and sleeps when idle. The workqueue layer aborts the process if two threads launch at once,
+# so every parallel launch holds ``_LAUNCH``.
+if "NUMBA_THREADING_LAYER" not in os.environ and numba.config.THREADING_LAYER == "default":
+    numba.config.THREADING_LAYER_PRIORITY = ["tbb", "workqueue", "omp"]
+_LAUNCH = threading.Lock()
+
+
+def _parallel(fn):
+    """``njit(parallel=True, cache=True)`` with launches serialised by ``_LAUNCH``."""
+    kernel = njit(parallel=True, cache=True)(fn)
+
+    @functools.wraps(fn)
+    def launch(*args):
+        with _LAUNCH:
+            return kernel(*args)
+
+    return launch
+
 
 _MASK = np.uint64(hashing.MASK32)
 _M1 = np.uint64(hashing.M1)
@@ -213,7 +240,7 @@ def _slots(memory_size, chunk_size):
     return np.uint64(nslots), _mod_magic(nslots)
 
 
-@njit(parallel=True, cache=True)
+@_parallel
 def _hash_index(rows, dim, z, nslots, magic, ka, ks, signed, idx, sign):
     """``idx[r, k] = Z (addr_hash(i, k // Z) mod m/Z) + k mod Z`` and, if signed,
     ``sign[r, k] = 1 - 2 bit_{k mod 32}(sign_word(i, k // 32))`` for ``i = rows[r]``."""
@@ -249,7 +276,7 @@ def hash_index(rows, dim, memory_size, chunk_size, seed, signed):
 # Embedding bag
 
 
-@njit(parallel=True, cache=True)
+@_parallel
 def _bag_forward(w, indices, offsets, psw, dim, z, nslots, magic, ka, ks, signs, signed, mean, pad,
                  out):
     """``out[b] = sum_{j in bag b, i_j != pad} a_j v(i_j)`` (``/ count`` for mean); ``out`` is 0.
@@ -327,7 +354,7 @@ def _bag_scatter(grad_out, indices, offsets, psw, b, dim, z, nslots, magic, ka, 
                      signs, signed, lo, hi)
 
 
-@njit(parallel=True, cache=True)
+@_parallel
 def _bag_backward_private(grad_out, indices, offsets, psw, bounds, dim, z, nslots, magic, ka, ks,
                           signs, signed, mean, pad, grad_w, extra):
     """Thread ``t`` scatters bags ``bounds[t]:bounds[t+1]`` into its own copy (``grad_w`` for
@@ -353,7 +380,7 @@ def _bag_backward_private(grad_out, indices, offsets, psw, bounds, dim, z, nslot
                 grad_w[s] += extra[t, s]
 
 
-@njit(parallel=True, cache=True)
+@_parallel
 def _bag_backward_partitioned(grad_out, indices, offsets, psw, nthreads, dim, z, nslots, magic, ka,
                               ks, signs, signed, mean, pad, grad_w):
     """Thread ``t`` walks every bag but writes only slot chunks ``[t, t+1) * nslots / nthreads``."""
@@ -447,7 +474,7 @@ def _count_rows(r0, r1, nfull, partial, nslots, magic, ka, full, last, lo, hi):
                 last[q] += 1
 
 
-@njit(parallel=True, cache=True)
+@_parallel
 def _count_private(n, nfull, partial, nslots, magic, ka, full, last):
     """Thread ``t`` counts rows ``[t, t+1) * n / T`` into ``full[t]``, ``last[t]``."""
     ka = np.uint64(ka)
@@ -457,7 +484,7 @@ def _count_private(n, nfull, partial, nslots, magic, ka, full, last):
                     full[t], last[t], np.uint64(0), nslots)
 
 
-@njit(parallel=True, cache=True)
+@_parallel
 def _count_partitioned(n, nfull, partial, nslots, magic, ka, nthreads, full, last):
     """Thread ``t`` hashes every row but counts only slot chunks ``[t, t+1) * nslots / T``."""
     ka = np.uint64(ka)
@@ -467,7 +494,7 @@ def _count_partitioned(n, nfull, partial, nslots, magic, ka, nthreads, full, las
                     np.uint64(total * t // nthreads), np.uint64(total * (t + 1) // nthreads))
 
 
-@njit(parallel=True, cache=True)
+@_parallel
 def _expand_counts(full, last, z, rem, cnt):
     """``cnt[Z q + k] = sum_t full[t, q] + (k < rem) sum_t last[t, q]``."""
     for q in prange(full.shape[1]):
@@ -517,7 +544,7 @@ def slot_counts(num_embeddings, dim, memory_size, chunk_size, seed, device):
 # which here is what lets LLVM vectorise the inner loops (measured: tile 10x faster).
 
 
-@njit(parallel=True, cache=True)
+@_parallel
 def _fold(w, factor, counts, out):
     """``out[j] = sum_t c[j + t m'] w[j + t m'] / sum_t c[j + t m']`` (0 where the sum is 0).
 
@@ -548,7 +575,7 @@ def fold(weight, factor, counts):
     return torch.from_numpy(out)
 
 
-@njit(parallel=True, cache=True)
+@_parallel
 def _tile(w, out):
     """``out[j] = w[j mod m]``, one task per (copy, block of ``w``)."""
     m = w.shape[0]
@@ -569,7 +596,7 @@ def tile(weight, factor):
     return torch.from_numpy(out)
 
 
-@njit(parallel=True, cache=True)
+@_parallel
 def _aggregate(flat, starts, sizes, p, out):
     """``out[j] = sum_i p_i flat[starts_i + j mod sizes_i]``, each block written once.
 

@@ -1,0 +1,76 @@
+"""The numba backend: its two backward schemes (private copies, partitioned slots) must both
+match the reference, and its threading must coexist with torch's."""
+import pytest
+import torch
+
+import fastfair
+from fastfair.kernels import numba_backend
+
+from testing import assert_close_to_fp64, make_bags, rand
+
+pytestmark = pytest.mark.skipif(
+    not numba_backend.available(torch.device("cpu"))[0],
+    reason=f"numba backend unavailable: {numba_backend.available(torch.device('cpu'))[1]}")
+
+# PRIVATE_BYTES that forces each scheme on small inputs.
+PATHS = {"private": 1 << 62, "partitioned": 0}
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("mode,with_psw", [("sum", True), ("mean", False)])
+def test_every_bag_path_matches_the_reference(path, mode, with_psw, monkeypatch):
+    if numba_backend.numba.get_num_threads() < 2:
+        pytest.skip("numba runs one thread: both schemes reduce to the serial scatter")
+    monkeypatch.setattr(numba_backend, "PRIVATE_BYTES", PATHS[path])
+    gen = torch.Generator().manual_seed(7)
+    # memory_size below the scattered work, so the private-copy scheme is eligible.
+    spec = fastfair.HashSpec(3001, 19, memory_size=4 * 53, chunk_size=4, seed=11)
+    lengths = [0, 1, 17, 3, 40, 0, 9]
+    idx, off = make_bags(spec.num_embeddings, lengths, gen, torch.int64, "cpu")
+    w = rand(spec.memory_size, gen, torch.float32, "cpu")
+    psw = rand(idx.shape, gen, torch.float32, "cpu") if with_psw else None
+    grad = rand((len(lengths), spec.embedding_dim), gen, torch.float32, "cpu")
+    results = []
+    for backend, dtype in (("numba", torch.float32), ("reference", torch.float32),
+                           ("reference", torch.float64)):
+        wb = w.to(dtype, copy=True).requires_grad_()
+        pb = None if psw is None else psw.to(dtype)
+        out = fastfair.embedding_bag(idx, wb, spec, off, mode, pb, backend=backend)
+        out.backward(grad.to(dtype))
+        results.append((out.detach(), wb.grad))
+    for got, ref, ref64 in zip(*results):
+        assert_close_to_fp64(got, ref, ref64)
+
+
+def test_kernels_leave_torch_threads_alone_and_allow_threads(tmp_path):
+    """In a fresh process (numba picks its threading layer at the first launch): torch's thread
+    count survives a parallel launch, and launches from several Python threads at once work."""
+    import os
+    import subprocess
+    import sys
+    import textwrap
+    script = textwrap.dedent("""
+        import threading
+        import torch
+        import fastfair
+        torch.set_num_threads(1)
+        spec = fastfair.HashSpec(100_000, 16, memory_size=400_000, chunk_size=4, seed=1)
+        w = torch.randn(spec.memory_size)
+        idx = torch.randint(0, spec.num_embeddings, (40_000,))
+        expect = fastfair.embedding(idx, w, spec, backend="numba")
+        assert torch.get_num_threads() == 1, torch.get_num_threads()
+        results = []
+        def work():
+            results.append(torch.equal(fastfair.embedding(idx, w, spec, backend="numba"), expect))
+        threads = [threading.Thread(target=work) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert results == [True] * 4, results
+        print("ok")
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_THREADING_LAYER"}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env,
+                         timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
