@@ -348,3 +348,19 @@ def test_checkpoints_refuse_other_data_and_other_files(data, tmp_path):
         FederatedRunner.load(tmp_path / "missing.pt", data)
     with pytest.raises(ValueError, match=r"different config: \['lr'\]"):
         FederatedRunner(data, _cfg(lr=0.5)).load_state_dict(runner.state_dict())
+
+
+@pytest.mark.parametrize("arch", ["neumf", "mf"])
+def test_scoring_every_item_matches_the_pairwise_score(arch):
+    from fastfair.fl.model import Head, score, score_all_items
+    torch.manual_seed(0)
+    n, d, b = 37, 5, 6
+    head = Head(d) if arch == "neumf" else None
+    ug, um, ig, im = (torch.randn(k, d, dtype=torch.float64) for k in (b, b, n, n))
+    if head is not None:
+        head.double()
+    expect = score(arch, ug[:, None], um[:, None] if head else None, ig, im if head else None,
+                   head)
+    got = score_all_items(arch, ug, um if head else None, ig, im if head else None, head,
+                          budget=3 * n * d)  # several user chunks
+    torch.testing.assert_close(got, expect)

@@ -68,6 +68,33 @@ def score(arch: str, user_gmf: Tensor, user_mlp: Optional[Tensor], item_gmf: Ten
     return head.predict(torch.cat([gmf, mlp], -1)).squeeze(-1)
 
 
+def score_all_items(arch: str, user_gmf: Tensor, user_mlp: Optional[Tensor], item_gmf: Tensor,
+                    item_mlp: Optional[Tensor], head: Optional[Head],
+                    budget: int = 1 << 24) -> Tensor:
+    """``score`` of ``B`` users [B, d] against every item [n, d], as [B, n].
+
+    NeuMF's MLP layer splits over the concatenation, ``W [p'; q'] + b = (W_u p' + b) + W_i q'``,
+    so the item half ``W_i q'`` is computed once for all users and
+
+        s(u, i) = (a_g * p_u) . q_i + a_m . relu(U_u + I_i) + c
+
+    with ``U = user_mlp W_u^T + b`` and ``I = item_mlp W_i^T``. The ``relu`` term is formed for
+    as many users at a time as keep ``users x n x d`` within ``budget`` elements."""
+    if arch == "mf":
+        return user_gmf @ item_gmf.T
+    d = user_gmf.shape[-1]
+    w, bias = head.mlp.weight, head.mlp.bias
+    a = head.predict.weight[0]
+    user_part = user_mlp @ w[:, :d].T + bias
+    item_part = item_mlp @ w[:, d:].T
+    out = (user_gmf * a[:d]) @ item_gmf.T + head.predict.bias
+    step = max(1, budget // max(1, item_part.numel()))
+    for lo in range(0, user_gmf.shape[0], step):
+        hidden = torch.relu(user_part[lo:lo + step, None, :] + item_part)
+        out[lo:lo + step] += hidden @ a[d:]
+    return out
+
+
 class ClientModel(nn.Module):
     """One device's model: its own user's vectors plus item tables built by ``make_table``."""
 

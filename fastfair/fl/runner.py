@@ -56,7 +56,8 @@ from ..kernels.functional import HashSpec
 from ..nn import HashedEmbedding
 from . import metrics
 from .data import InteractionData
-from .model import ARCHS, ClientModel, Head, LowRankEmbedding, SlicedEmbedding, score
+from .model import (ARCHS, ClientModel, Head, LowRankEmbedding, SlicedEmbedding, score,
+                    score_all_items)
 from .tiers import assign_tiers, parse_tiers, tier_specs
 
 METHODS = ("fair", "fedavg-full", "exclusion", "fedhm", "heterofl", "fair-inconsistent")
@@ -339,7 +340,9 @@ class FederatedRunner:
         cfg = self.cfg
         pos = self.data.user_items(client)
         opt_cls = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.SGD
-        opt = opt_cls(model.parameters(), lr=cfg.lr)
+        # The fused kernels update every parameter in one pass: a device's dense (or hashed)
+        # table is updated whole each step, which the per-tensor loop made the bottleneck.
+        opt = opt_cls(model.parameters(), lr=cfg.lr, fused=True)
         persistent = cfg.optimizer_state == "persistent"
         if persistent and client in self.optimizer_states:
             opt.load_state_dict(self.optimizer_states[client])
@@ -352,7 +355,10 @@ class FederatedRunner:
             for start in range(0, pos.numel(), cfg.batch_size):
                 p = order[start:start + cfg.batch_size]
                 q = negs[start:start + cfg.batch_size]
-                s_pos, s_neg = model(p), model(q)
+                # One lookup per table for positives and negatives together: each table's
+                # backward (a zero-filled gradient of the whole array) then runs once per step.
+                scores = model(torch.cat([p[:, None], q], 1))
+                s_pos, s_neg = scores[:, 0], scores[:, 1:]
                 if cfg.loss == "bpr":
                     loss = -F.logsigmoid(s_pos[:, None] - s_neg).mean()
                 else:
@@ -501,10 +507,14 @@ class FederatedRunner:
         if data.protocol == "loo":
             return metrics.sampled_metrics(self._rows, users, data.test_items,
                                            data.test_negatives, ks=ks)
-        everything = torch.arange(data.num_items)
         return metrics.full_ranking_metrics(
-            lambda u: self._rows(u, everything.expand(u.numel(), -1)), users, data.train_indptr,
-            data.train_items, data.test_indptr, data.test_items, data.num_items, ks=ks)
+            self._score_all, users, data.train_indptr, data.train_items, data.test_indptr,
+            data.test_items, data.num_items, ks=ks)
+
+    def _score_all(self, users: Tensor) -> Tensor:
+        mlp = self.user_vectors["mlp"][users] if self.head is not None else None
+        return score_all_items(self.cfg.arch, self.user_vectors["gmf"][users], mlp,
+                               self.tables["gmf"], self.tables.get("mlp"), self.head)
 
     # ------------------------------------------------------------------ checkpoints
     def _fingerprint(self) -> dict:
