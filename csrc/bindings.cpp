@@ -146,6 +146,41 @@ PYBIND11_MODULE(_C, m) {
       py::arg("stream"), "grad_w (memory_size elements) is zeroed, then accumulated.");
 
   m.def(
+      "bag_backward_deterministic_workspace",
+      [](int element_size, int64_t num_indices, bool pooled, int64_t dim, int64_t memory_size,
+         int64_t chunk_size) {
+        return fc::bag_backward_deterministic_workspace(
+            element_size, num_indices, pooled, {dim, memory_size, chunk_size, 0, 0, false});
+      },
+      py::arg("element_size"), py::arg("num_indices"), py::arg("pooled"), py::arg("dim"),
+      py::arg("memory_size"), py::arg("chunk_size"),
+      "Bytes of device workspace bag_backward_deterministic_cuda needs for these sizes.");
+
+  m.def(
+      "bag_backward_deterministic_cuda",
+      [](uintptr_t grad_out_ptr, int element_size, uintptr_t indices_ptr, int index_size,
+         int64_t num_indices, uintptr_t offsets_ptr, int64_t num_bags,
+         uintptr_t per_sample_weights_ptr, uintptr_t grad_w_ptr, int64_t dim,
+         int64_t memory_size, int64_t chunk_size, uint32_t ka, uint32_t ks, bool is_signed,
+         int mode, int64_t padding_idx, uintptr_t workspace_ptr, size_t workspace_bytes,
+         uintptr_t stream) {
+        fc::bag_backward_deterministic(
+            grad_out_ptr, element_size,
+            bag_spec(indices_ptr, index_size, num_indices, offsets_ptr, num_bags,
+                     per_sample_weights_ptr, mode, padding_idx),
+            {dim, memory_size, chunk_size, ka, ks, is_signed}, grad_w_ptr, workspace_ptr,
+            workspace_bytes, stream);
+      },
+      Release(), py::arg("grad_out_ptr"), py::arg("element_size"), py::arg("indices_ptr"),
+      py::arg("index_size"), py::arg("num_indices"), py::arg("offsets_ptr"),
+      py::arg("num_bags"), py::arg("per_sample_weights_ptr"), py::arg("grad_w_ptr"),
+      py::arg("dim"), py::arg("memory_size"), py::arg("chunk_size"), py::arg("ka"),
+      py::arg("ks"), py::arg("signed"), py::arg("mode"), py::arg("padding_idx"),
+      py::arg("workspace_ptr"), py::arg("workspace_bytes"), py::arg("stream"),
+      "grad_w is zeroed, then every hit slot written once by its owner: the same bits on every "
+      "run. workspace: at least bag_backward_deterministic_workspace(...) device bytes.");
+
+  m.def(
       "slot_counts_cuda",
       [](int64_t num_embeddings, int64_t dim, int64_t memory_size, int64_t chunk_size,
          uint32_t ka, uintptr_t counts_ptr, uintptr_t stream) {

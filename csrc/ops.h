@@ -6,6 +6,7 @@
 // std::runtime_error with the CUDA error string when a launch fails (Python RuntimeError).
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 #include <stdexcept>
 
@@ -68,6 +69,15 @@ void bag_forward(uintptr_t weight, int element_size, const BagSpec& bags, const 
 // grad_w: [memory_size], zeroed here, then accumulated with atomics.
 void bag_backward(uintptr_t grad_out, int element_size, const BagSpec& bags, const TableSpec& t,
                   uintptr_t grad_w, uintptr_t stream);
+
+// The same gradient, bit-identical from run to run: keys sorted by slot, one warp per slot
+// (bag_backward_sorted.cu). The workspace (device bytes, at least
+// bag_backward_deterministic_workspace) holds the N * ceil(dim / Z) sort keys and values.
+size_t bag_backward_deterministic_workspace(int element_size, int64_t num_indices, bool pooled,
+                                            const TableSpec& t);
+void bag_backward_deterministic(uintptr_t grad_out, int element_size, const BagSpec& bags,
+                                const TableSpec& t, uintptr_t grad_w, uintptr_t workspace,
+                                size_t workspace_bytes, uintptr_t stream);
 
 // counts: int64 [memory_size], zeroed here.
 void slot_counts(int64_t num_embeddings, const TableSpec& t, uintptr_t counts, uintptr_t stream);

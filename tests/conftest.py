@@ -8,3 +8,8 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 # A forced backend would silently change what every test checks.
 os.environ.pop("FASTFAIR_BACKEND", None)
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "bench: runs a benchmark script end to end on tiny shapes (tens of seconds)")

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import fastfair
-from fastfair.kernels import ops
+from fastfair.kernels import backends, ops
 
 from testing import TOL, assert_close_to_fp64, backend_params, make_bags, rand
 
@@ -280,3 +280,86 @@ def test_fake_shapes_on_meta():
     assert out.shape == (3, 7) and out.device.type == "meta"
     assert fastfair.embedding(idx.view(3, 4), w, spec, validate=False).shape == (3, 4, 7)
     assert fastfair.slot_counts(spec, "meta").shape == (30,)
+
+
+# --------------------------------------------------------------------------- deterministic mode
+@pytest.fixture
+def deterministic(backend, monkeypatch):
+    """torch's deterministic mode for one test, restored afterwards; a backend with a separate
+    deterministic backward has its atomic one removed, so the test fails if that one runs."""
+    mod = backends.load(backend)
+    if hasattr(mod, "bag_backward_deterministic"):
+        monkeypatch.setattr(mod, "bag_backward", None)
+    before, warn = (torch.are_deterministic_algorithms_enabled(),
+                    torch.is_deterministic_algorithms_warn_only_enabled())
+    torch.use_deterministic_algorithms(True)
+    yield
+    torch.use_deterministic_algorithms(before, warn_only=warn)
+
+
+@pytest.mark.parametrize("name", ["triton", "cuda"])
+def test_deterministic_mode_picks_the_sorted_backward(name, monkeypatch):
+    mod = backends.load(name)
+    if isinstance(mod, str):
+        pytest.skip(f"{name}: {mod}")
+    monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
+    assert backends.bag_backward_fn(mod) is mod.bag_backward_deterministic
+    monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: False)
+    assert backends.bag_backward_fn(mod) is mod.bag_backward
+
+
+DET_VARIANTS = [VARIANTS[2], VARIANTS[4]]
+
+
+@pytest.mark.parametrize("variant", DET_VARIANTS,
+                         ids=lambda v: f"{v[0]}-{v[2]}-psw{v[3]}-pad{v[4]}"[6:])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"n{c[0]}d{c[1]}z{c[2]}m{c[3]}b{len(c[4])}")
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_deterministic_backward_matches_reference_and_repeats(backend, device, case, variant,
+                                                              deterministic):
+    gen = torch.Generator().manual_seed(7919 * case[1] + case[3] + DET_VARIANTS.index(variant))
+    state = gen.get_state()
+    got, ref, ref64 = _run_bag(backend, device, case, variant, gen, seed=case[0])
+    for g, r, r64 in zip(got, ref, ref64):
+        if g is not None:
+            assert_close_to_fp64(g, r, r64)
+    again = _run_bag(backend, device, case, variant, gen.set_state(state), seed=case[0])[0]
+    for g, h in zip(got, again):
+        if g is not None:
+            assert torch.equal(g, h), "two runs on the same inputs differ"
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_deterministic_backward_elements_outside_bags(backend, device, deterministic):
+    """Elements after the last offset add nothing, nor do padding rows; bags may be empty; and
+    un-pooled lookups (no offsets) take the same path."""
+    gen = torch.Generator().manual_seed(15)
+    dim, z, m = 11, 4, 4 * 9
+    idx = torch.randint(0, 500, (40,), generator=gen).to(device)
+    g = rand((4, dim), gen, torch.float32, device)
+    psw = rand(40, gen, torch.float32, device)
+    calls = [(g, idx, torch.tensor(b, device=device), psw, m, dim, z, 3, True, 0, -1)
+             for b in ([0, 3, 3, 17, 17], [0, 0, 0, 0, 0], [0, 40, 40, 40, 40])]
+    calls.append((rand((40, dim), gen, torch.float32, device), idx, None, psw, m, dim, z, 3,
+                  False, 0, int(idx[5])))
+    for args in calls:
+        got = ops.embedding_bag_backward_op(*args, backend)
+        ref = ops.embedding_bag_backward_op(*args, "reference")
+        torch.testing.assert_close(got, ref, **TOL[torch.float32])
+        assert torch.equal(got, ops.embedding_bag_backward_op(*args, backend))
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_deterministic_gradcheck_float64(backend, device, deterministic):
+    gen = torch.Generator().manual_seed(16)
+    spec = fastfair.HashSpec(40, 5, memory_size=12, chunk_size=3, seed=4)
+    w = rand(12, gen, torch.float64, device).requires_grad_()
+    idx, off = make_bags(40, [3, 0, 4], gen, device=device)
+    psw = rand(7, gen, torch.float64, device).requires_grad_()
+    pad = int(idx[0])
+    torch.autograd.gradcheck(
+        lambda w: fastfair.embedding_bag(idx, w, spec, off, "mean", padding_idx=pad,
+                                         backend=backend), (w,))
+    torch.autograd.gradcheck(
+        lambda w, p: fastfair.embedding_bag(idx, w, spec, off, "sum", p, padding_idx=pad,
+                                            backend=backend), (w, psw))

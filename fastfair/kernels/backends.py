@@ -4,6 +4,19 @@ Each backend module states whether it can run on a device (``available(device) -
 ``backend="auto"`` takes the first that fits: for CUDA tensors ``cuda`` then ``triton``, for CPU
 tensors ``numba``, and ``reference`` everywhere else. ``FASTFAIR_BACKEND=<name>`` forces one backend
 for every call and raises ``BackendUnavailableError`` with the reason when it cannot run.
+
+Determinism. Only the embedding-bag backward can differ from run to run: it adds many virtual
+elements into few slots, and the GPU backends' default ``bag_backward`` does so with atomics,
+whose order (so the float rounding) changes between runs. When
+``torch.are_deterministic_algorithms_enabled()``, ``bag_backward_fn`` returns the backend's
+``bag_backward_deterministic`` instead (``triton`` and ``cuda``: sort the (element, chunk) pairs by
+slot, then one owner sums each slot in sorted order): bit-identical from run to run, at the cost of
+a sort. The flag is read when the backward runs, as torch's own ops read it. ``reference`` and
+``numba`` need no second path: ``reference`` uses ``index_add_``, which torch itself makes
+deterministic in that mode (and which is sequential on CPU); ``numba`` scatters in a fixed order
+for a given thread count. No other op of ``triton``, ``cuda`` or ``numba`` depends on the order of
+floating-point atomics (``slot_counts`` adds integers, which commute exactly), and the reference's
+``index_add_`` follows torch's setting in every op.
 """
 from __future__ import annotations
 
@@ -74,6 +87,13 @@ def resolve(name: str, device: torch.device) -> ModuleType:
         src = f"{ENV}={name}" if forced else f"backend={name!r}"
         raise BackendUnavailableError(f"{src} cannot run on {device}: {reason}")
     return load(name)
+
+
+def bag_backward_fn(mod: ModuleType):
+    """The embedding-bag backward of backend ``mod`` that torch's determinism setting asks for."""
+    if torch.are_deterministic_algorithms_enabled():
+        return getattr(mod, "bag_backward_deterministic", mod.bag_backward)
+    return mod.bag_backward
 
 
 def status(device: torch.device) -> dict[str, str]:

@@ -5,6 +5,10 @@ pointers and sizes; outputs are allocated here with torch on the inputs' device,
 runs on torch's current stream of that device (``torch.cuda.current_stream(device).cuda_stream``)
 with that device made current, so ordering with surrounding torch work is the usual stream order.
 
+``bag_backward`` scatters with atomics; ``bag_backward_deterministic`` (chosen by ``backends``
+under ``torch.use_deterministic_algorithms``) sorts ``N ceil(dim / Z)`` slot keys and sums each
+slot in one warp, in a fixed order: the same bits on every run.
+
 The extension is optional. This module imports without it; ``available`` then says why it cannot
 run and every op raises ``BackendUnavailableError`` with the same reason.
 """
@@ -147,6 +151,31 @@ def bag_backward(grad_out, indices, offsets, per_sample_weights, memory_size, di
                               indices.element_size(), indices.numel(), offsets_ptr, num_bags,
                               psw_ptr, grad_w.data_ptr(), dim, memory_size, chunk_size, ka, ks,
                               bool(signed), int(mode), int(padding_idx), _stream(grad_out.device))
+    return grad_w
+
+
+def bag_backward_deterministic(grad_out, indices, offsets, per_sample_weights, memory_size, dim,
+                               chunk_size, seed, signed, mode, padding_idx):
+    """``bag_backward`` by sort and segment sum (``csrc/bag_backward_sorted.cu``): the same bits on
+    every run. Its workspace (sort keys and values, ``N ceil(dim / Z)`` each) comes from torch's
+    allocator on the current stream."""
+    ext = _ext()
+    grad_out = _floating(grad_out, "gradients")
+    indices, offsets, psw, num_bags, offsets_ptr, psw_ptr = _bag_inputs(
+        indices, offsets, per_sample_weights, grad_out.dtype)
+    _same_device(grad_out.device, indices, offsets, psw)
+    grad_w = torch.empty(memory_size, dtype=grad_out.dtype, device=grad_out.device)
+    ka, ks = hashing.keys(seed)
+    size = ext.bag_backward_deterministic_workspace(grad_out.element_size(), indices.numel(),
+                                                    offsets is not None, dim, memory_size,
+                                                    chunk_size)
+    workspace = torch.empty(size, dtype=torch.uint8, device=grad_out.device)
+    with _on(grad_out.device):
+        ext.bag_backward_deterministic_cuda(
+            grad_out.data_ptr(), grad_out.element_size(), indices.data_ptr(),
+            indices.element_size(), indices.numel(), offsets_ptr, num_bags, psw_ptr,
+            grad_w.data_ptr(), dim, memory_size, chunk_size, ka, ks, bool(signed), int(mode),
+            int(padding_idx), workspace.data_ptr(), size, _stream(grad_out.device))
     return grad_w
 
 

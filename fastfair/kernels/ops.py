@@ -74,10 +74,12 @@ def embedding_bag_backward_op(grad_out: Tensor, indices: Tensor, offsets: Option
                               per_sample_weights: Optional[Tensor], memory_size: int, dim: int,
                               chunk_size: int, seed: int, signed: bool, mode: int,
                               padding_idx: int, backend: str) -> Tensor:
-    """The adjoint of ``embedding_bag`` in the weight: a signed scatter-add into ``[memory_size]``."""
+    """The adjoint of ``embedding_bag`` in the weight: a signed scatter-add into ``[memory_size]``;
+    bit-identical from run to run under ``torch.use_deterministic_algorithms`` (see ``backends``)."""
     be = backends.resolve(backend, grad_out.device)
-    return be.bag_backward(grad_out, indices, offsets, per_sample_weights, memory_size, dim,
-                           chunk_size, seed, signed, mode, padding_idx)
+    return backends.bag_backward_fn(be)(grad_out, indices, offsets, per_sample_weights,
+                                        memory_size, dim, chunk_size, seed, signed, mode,
+                                        padding_idx)
 
 
 @embedding_bag_backward_op.register_fake

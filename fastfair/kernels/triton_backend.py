@@ -32,6 +32,19 @@ Per op:
   ``offsets=None``: grid ``(ceil(N / BL), col blocks)``, every lane row is one output row.
 * ``bag_backward``: the same grids; each program reads its ``grad_out`` row(s) once and
   scatter-adds ``sign * a_j * g`` with ``tl.atomic_add(sem="relaxed")`` (non-deterministic order).
+* ``bag_backward_deterministic`` (taken under ``torch.use_deterministic_algorithms``, see
+  ``backends``): the same sum, bit-identical from run to run. (1) ``_slot_keys_kernel``, on the
+  forward's grids, writes one key per (element ``j``, chunk ``c``): ``key[j C + c]`` = the chunk
+  slot ``r = addr_hash(i_j, c) mod (m / Z)``, or ``m / Z`` for padding and elements after the last
+  offset; plus ``a_j`` (mean's ``1 / count`` folded in) and the bag of each element. That is
+  ``N C`` keys (``C = ceil(dim / Z)``), never ``N dim``. (2) ``torch.sort(stable=True)`` orders
+  them by slot, ties by ``(j, c)``; ``searchsorted`` finds where each block of ``BS`` slots starts.
+  (3) ``_segment_sum_kernel``, grid ``(ceil((m / Z) / BS), lane blocks)``: a program owns ``BS``
+  chunk slots and walks their sorted entries ``BE`` at a time, adding ``sign a_j g`` into a
+  ``[BS, LB]`` accumulator through a one-hot ``[BE, BS]`` match (a fixed-shape reduction), then
+  writes its ``BS Z`` gradient values once, hit or not (no zero-fill, no atomics). One owner and a
+  fixed order per slot make the bits independent of scheduling. ``BS`` grows to 16 when slots are
+  sparsely hit, so a program still sees about 8 entries; a hot slot is walked by one program.
 * ``slot_counts``: element ``(i, k)`` lands in slot ``Z s + (k mod Z)`` with ``s`` the slot of its
   chunk, so the kernel counts chunks, not elements: grid ``(ceil(n / BR), ceil(n_chunks / NCH))``,
   one int64 atomic per (row, chunk) into ``hits[s]`` (full chunks) or ``hits[m/Z + s]`` (the last,
@@ -52,7 +65,8 @@ Per op:
 Limits: indices int32/int64, offsets int64 (int32 loads too); weights float32/float64 (float16
 and bfloat16 accumulate in float32, but the backward's atomics add in the weight's own type);
 ``m / Z <= 2**32`` (the contract), with int32 address arithmetic when ``m < 2**31`` and int64
-otherwise; rows ``< 2**32`` (the contract); ``ceil(dim / (NCH Z)) <= 65535`` (grid axis 1);
+otherwise (the deterministic backward's keys: int32 when ``m / Z < 2**31``); rows ``< 2**32``
+(the contract); ``ceil(dim / (NCH Z)) <= 65535`` (grid axis 1);
 ``B``, ``ceil(N / BL)``, ``ceil(n / BR)`` and ``ceil(size / BLOCK)`` ``< 2**31`` (grid axis 0).
 """
 from __future__ import annotations
@@ -79,6 +93,8 @@ LANES = 128
 TILE = 2048
 BLOCK = 1024
 AGG_GROUP = 8
+# Most chunk slots one program of the deterministic backward's segment sum owns.
+SEGMENT_SLOTS = 16
 # Programs the tile kernel aims for, enough to fill a large GPU several times over.
 TILE_PROGRAMS = 4096
 
@@ -317,6 +333,22 @@ def _bag_forward_kernel(w_ptr, ind_ptr, off_ptr, psw_ptr, out_ptr, n_items, dim,
                  mask=live[:, None, None] & colmask)
 
 
+@triton.jit
+def _live_count(ind_ptr, start, end, padding_idx, BL: tl.constexpr, HAS_PAD: tl.constexpr):
+    """``max(1, #{j in [start, end) : indices[j] != padding_idx})``, the mean's divisor."""
+    if HAS_PAD:
+        # One pass over the bag's indices before the pass that uses the count.
+        cnt = tl.zeros([BL], tl.int32)
+        for base in range(start, end, BL):
+            j = base + tl.arange(0, BL)
+            rows = tl.load(ind_ptr + j, mask=j < end, other=padding_idx)
+            cnt += (rows != padding_idx).to(tl.int32)
+        n_live = tl.sum(cnt, axis=0)
+    else:
+        n_live = (end - start).to(tl.int32)
+    return tl.maximum(n_live, 1)
+
+
 @triton.jit(do_not_specialize=_HASH_ARGS + ("padding_idx",))
 def _bag_backward_kernel(g_ptr, ind_ptr, off_ptr, psw_ptr, gw_ptr, n_items, dim,
                          ka, ks, nslots, magic, sh1, sh2, padding_idx,
@@ -332,17 +364,7 @@ def _bag_backward_kernel(g_ptr, ind_ptr, off_ptr, psw_ptr, gw_ptr, n_items, dim,
         end = tl.load(off_ptr + pid + 1).to(tl.int64)
         g = tl.load(g_ptr + pid * dim + col, mask=colmask, other=0.0).to(ACC)
         if MEAN:
-            if HAS_PAD:
-                # The mean divides by the bag's non-padding count: one pass over the indices first.
-                cnt = tl.zeros([BL], tl.int32)
-                for base in range(start, end, BL):
-                    j = base + tl.arange(0, BL)
-                    rows = tl.load(ind_ptr + j, mask=j < end, other=padding_idx)
-                    cnt += (rows != padding_idx).to(tl.int32)
-                n_live = tl.sum(cnt, axis=0)
-            else:
-                n_live = (end - start).to(tl.int32)
-            g = g / tl.maximum(n_live, 1).to(ACC)
+            g = g / _live_count(ind_ptr, start, end, padding_idx, BL, HAS_PAD).to(ACC)
         for base in range(start, end, BL):
             j = base + tl.arange(0, BL)
             live = j < end
@@ -417,6 +439,165 @@ def bag_backward(grad_out, indices, offsets, per_sample_weights, memory_size, di
         dim, *hk, padding_idx, SIGNED=bool(signed), POOLED=offsets is not None, MEAN=mode == 1,
         HAS_PSW=per_sample_weights is not None, HAS_PAD=padding_idx >= 0,
         IDX64=memory_size >= 2**31, ACC=_acc_dtype(grad_out.dtype), **tiling)
+    return grad_w
+
+
+# ---------------------------------------------------------------- deterministic bag backward
+@triton.jit(do_not_specialize=("ka", "nslots", "magic", "sh1", "sh2", "padding_idx"))
+def _slot_keys_kernel(ind_ptr, off_ptr, psw_ptr, key_ptr, coef_ptr, bag_ptr, n_items, n_chunks,
+                      ka, nslots, magic, sh1, sh2, padding_idx,
+                      BL: tl.constexpr, CB: tl.constexpr, POOLED: tl.constexpr,
+                      MEAN: tl.constexpr, HAS_PSW: tl.constexpr, HAS_PAD: tl.constexpr,
+                      KEY64: tl.constexpr, ACC: tl.constexpr):
+    """``key[j C + c]`` = chunk slot of ``(i_j, c)`` (``nslots`` when element ``j`` adds nothing:
+    padding, or past the last offset), ``coef[j] = a_j`` (mean's ``1 / count`` included) and,
+    pooled, ``bag[j]``. Pooled: one program per bag; the last also marks the elements after it."""
+    ka = ka.to(tl.uint32)
+    d = nslots.to(tl.uint32)
+    magic = magic.to(tl.uint32)
+    sh1 = sh1.to(tl.uint32)
+    sh2 = sh2.to(tl.uint32)
+    pid = tl.program_id(0).to(tl.int64)
+    if POOLED:
+        start = tl.load(off_ptr + pid).to(tl.int64)
+        end = tl.load(off_ptr + pid + 1).to(tl.int64)
+        inv = 1.0
+        if MEAN:
+            inv = 1.0 / _live_count(ind_ptr, start, end, padding_idx, BL, HAS_PAD).to(ACC)
+        for base in range(start, end, BL):
+            _chunk_keys(ind_ptr, psw_ptr, key_ptr, coef_ptr, bag_ptr, base, end, pid, inv,
+                        n_chunks, ka, d, magic, sh1, sh2, nslots, padding_idx, BL, CB, True,
+                        HAS_PSW, HAS_PAD, KEY64, ACC)
+        if pid == tl.num_programs(0) - 1:
+            for base in range(end, n_items, BL):
+                _chunk_keys(ind_ptr, psw_ptr, key_ptr, coef_ptr, bag_ptr, base, n_items, pid, 0.0,
+                            n_chunks, ka, d, magic, sh1, sh2, nslots, padding_idx, BL, CB, False,
+                            HAS_PSW, HAS_PAD, KEY64, ACC)
+    else:
+        _chunk_keys(ind_ptr, psw_ptr, key_ptr, coef_ptr, bag_ptr, pid * BL, n_items, pid, 1.0,
+                    n_chunks, ka, d, magic, sh1, sh2, nslots, padding_idx, BL, CB, True,
+                    HAS_PSW, HAS_PAD, KEY64, ACC)
+
+
+@triton.jit
+def _chunk_keys(ind_ptr, psw_ptr, key_ptr, coef_ptr, bag_ptr, base, end, bag, inv, n_chunks, ka,
+                d, magic, sh1, sh2, nslots, padding_idx, BL: tl.constexpr, CB: tl.constexpr,
+                LIVE: tl.constexpr, HAS_PSW: tl.constexpr, HAS_PAD: tl.constexpr,
+                KEY64: tl.constexpr, ACC: tl.constexpr):
+    """Keys, coefficients and bag ids of elements ``[base, min(base + BL, end))``; ``LIVE=False``
+    marks them all dead (elements outside every bag)."""
+    j = base + tl.arange(0, BL)
+    inside = j < end
+    rows = tl.load(ind_ptr + j, mask=inside, other=0)
+    if LIVE:
+        live = inside
+        if HAS_PAD:
+            live = live & (rows != padding_idx)
+    else:
+        live = j < base
+    a = tl.full([BL], 1.0, ACC) * inv
+    if HAS_PSW:
+        a = a * tl.load(psw_ptr + j, mask=inside, other=0.0).to(ACC)
+    tl.store(coef_ptr + j, a, mask=inside)
+    if bag_ptr is not None:
+        tl.store(bag_ptr + j, tl.full([BL], 0, tl.int64) + bag, mask=inside)
+    ua = _fmix32(rows.to(tl.uint32) ^ ka)[:, None]
+    for c0 in range(0, n_chunks, CB):
+        ch = c0 + tl.arange(0, CB)[None, :]
+        slot = _address(ua, ch.to(tl.uint32) * _GOLDEN, 0, d, magic, sh1, sh2, Z=1, IDX64=KEY64)
+        key = tl.where(live[:, None], slot, nslots)
+        tl.store(key_ptr + j[:, None] * n_chunks + ch, key.to(key_ptr.dtype.element_ty),
+                 mask=inside[:, None] & (ch < n_chunks))
+
+
+@triton.jit(do_not_specialize=("ks", "nslots", "n_chunks"))
+def _segment_sum_kernel(g_ptr, ind_ptr, bag_ptr, coef_ptr, skey_ptr, perm_ptr, bounds_ptr, gw_ptr,
+                        dim, n_chunks, ks, nslots, Z: tl.constexpr, LB: tl.constexpr,
+                        BS: tl.constexpr, BE: tl.constexpr, SIGNED: tl.constexpr,
+                        ACC: tl.constexpr):
+    """``grad_w[Z r + l] = sum_{(j, c) sorted with slot r} sign a_j grad_out[bag(j), c Z + l]`` for
+    the ``BS`` chunk slots ``r`` of this program and lanes ``l`` of its lane block, summed in sorted
+    order ``BE`` entries at a time; every slot is written, hit or not."""
+    r = tl.program_id(0).to(tl.int64) * BS + tl.arange(0, BS)
+    lane = tl.program_id(1) * LB + tl.arange(0, LB)
+    lo = tl.load(bounds_ptr + tl.program_id(0))
+    hi = tl.load(bounds_ptr + tl.program_id(0) + 1)
+    acc = tl.zeros([BS, LB], ACC)
+    for base in range(lo, hi, BE):
+        p = base + tl.arange(0, BE)
+        live = p < hi
+        key = tl.load(skey_ptr + p, mask=live, other=-1).to(tl.int64)
+        e = tl.load(perm_ptr + p, mask=live, other=0)
+        j = e // n_chunks
+        col = (e - j * n_chunks)[:, None] * Z + lane[None, :]
+        if bag_ptr is not None:
+            b = tl.load(bag_ptr + j, mask=live, other=0)
+        else:
+            b = j
+        g = tl.load(g_ptr + b[:, None] * dim + col,
+                    mask=live[:, None] & (lane < Z)[None, :] & (col < dim), other=0.0).to(ACC)
+        g *= tl.load(coef_ptr + j, mask=live, other=0.0)[:, None]
+        if SIGNED:
+            rows = tl.load(ind_ptr + j, mask=live, other=0).to(tl.uint32)
+            us = _fmix32(rows ^ ks.to(tl.uint32))[:, None]
+            word = _fmix32(us + (col // 32).to(tl.uint32) * _GOLDEN)
+            g = tl.where(((word >> (col % 32).to(tl.uint32)) & 1) != 0, -g, g)
+        hit = key[:, None] == r[None, :]
+        acc += tl.sum(tl.where(hit[:, :, None], g[:, None, :], 0.0), axis=0)
+    tl.store(gw_ptr + r[:, None] * Z + lane[None, :], acc.to(gw_ptr.dtype.element_ty),
+             mask=(r < nslots)[:, None] & (lane < Z)[None, :])
+
+
+def _segment_tiling(n_keys: int, nslots: int, chunk_size: int) -> tuple[int, int, int]:
+    """``(LB, BS, BE)``: lanes of a chunk, chunk slots and sorted entries per program."""
+    lb = min(triton.next_power_of_2(chunk_size), LANES)
+    # Enough slots per program that a sparsely hit array still gives each program about 8
+    # entries, no more than SEGMENT_SLOTS (the one-hot reduction costs BS multiply-adds per
+    # value), and few enough programs for grid axis 0.
+    want = triton.next_power_of_2(triton.cdiv(8 * nslots, max(n_keys, 1)))
+    bs = min(want, SEGMENT_SLOTS, max(1, TILE // (8 * lb)))
+    bs = max(bs, triton.next_power_of_2(triton.cdiv(nslots, 2**31 - 1)))
+    return lb, bs, max(1, TILE // (bs * lb))
+
+
+def bag_backward_deterministic(grad_out, indices, offsets, per_sample_weights, memory_size, dim,
+                               chunk_size, seed, signed, mode, padding_idx):
+    """``bag_backward`` by sort and segment sum: bit-identical from run to run (module doc)."""
+    ka, ks, d, magic, sh1, sh2 = _hash_scalars(memory_size, chunk_size, seed)
+    device = grad_out.device
+    n = indices.numel()
+    rows = n if offsets is None else offsets.numel() - 1
+    if rows == 0 or dim == 0 or n == 0:
+        return torch.zeros(memory_size, dtype=grad_out.dtype, device=device)
+    n_chunks = triton.cdiv(dim, chunk_size)
+    key64 = d >= 2**31
+    keys = torch.empty(n * n_chunks, dtype=torch.int64 if key64 else torch.int32, device=device)
+    acc = torch.float64 if grad_out.dtype == torch.float64 else torch.float32
+    coef = torch.empty(n, dtype=acc, device=device)
+    bag = None if offsets is None else torch.empty(n, dtype=torch.int64, device=device)
+    cb = min(triton.next_power_of_2(n_chunks), LANES)
+    bl = max(1, TILE // cb)
+    if offsets is not None:
+        bl = min(bl, triton.next_power_of_2(max(1, triton.cdiv(n, rows))))
+    _slot_keys_kernel[(rows if offsets is not None else triton.cdiv(n, bl),)](
+        indices, indices if offsets is None else offsets,
+        coef if per_sample_weights is None else per_sample_weights, keys, coef, bag, n, n_chunks,
+        ka, d, magic, sh1, sh2, padding_idx, BL=bl, CB=cb, POOLED=offsets is not None,
+        MEAN=mode == 1, HAS_PSW=per_sample_weights is not None, HAS_PAD=padding_idx >= 0,
+        KEY64=key64, ACC=_acc_dtype(grad_out.dtype), num_warps=_warps(bl * cb))
+    # A stable sort fixes the order inside a slot (by element, then chunk), so the sums below
+    # add the same values in the same order on every run.
+    skeys, perm = torch.sort(keys, stable=True)
+    lb, bs, be = _segment_tiling(keys.numel(), d, chunk_size)
+    n_blocks = triton.cdiv(d, bs)
+    # Block ends are clamped to nslots, so the dead entries' key (nslots) falls in no block.
+    starts = (torch.arange(n_blocks + 1, device=device) * bs).clamp_(max=d).to(keys.dtype)
+    bounds = torch.searchsorted(skeys, starts)
+    grad_w = torch.empty(memory_size, dtype=grad_out.dtype, device=device)
+    _segment_sum_kernel[(n_blocks, triton.cdiv(chunk_size, lb))](
+        grad_out, indices, bag, coef, skeys, perm, bounds, grad_w, dim, n_chunks, ks, d,
+        Z=chunk_size, LB=lb, BS=bs, BE=be, SIGNED=bool(signed), ACC=_acc_dtype(grad_out.dtype),
+        num_warps=_warps(be * bs * lb))
     return grad_w
 
 
