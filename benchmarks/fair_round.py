@@ -1,0 +1,486 @@
+"""One FAIR federated round on Goodreads-100: fastfair against the reference code's approach.
+
+``python benchmarks/fair_round.py [--rounds R] [--threads T] [--out results.json]`` measures,
+in one run on one machine:
+
+1. The seconds of one round of ``fastfair.fl.runner.FederatedRunner.run_round()``: K = 10
+   clients, E = 5 local epochs, d = 8, NeuMF, Adam lr 1e-3, batch 512, BPR with one negative,
+   tiers ``2:0-1`` (half the users hold the dense tables, half a hashed array of half the size).
+2. The same round done the way the FAIR reference code does it (``ReferenceFair`` below): every
+   hashed client materialises ``n x d`` index and sign tables, looks rows up through them,
+   and the server expands every upload to a dense ``n x d`` table before averaging. It trains
+   the clients that fastfair's round sampled, with the capacities fastfair gave them.
+3. The peak resident memory of one 1/16-capacity client's local training (the user with the
+   most interactions, one epoch) under each approach, each in a fresh interpreter, and the
+   bytes that client holds.
+
+Rounds alternate between the two implementations (one warm-up round each, then ``R`` timed
+rounds; the median is reported) so that load from other processes hits both alike. The results
+file records the machine, versions, commit and command; a markdown table is printed.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import os
+import pathlib
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import numba
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fastfair.fl.data import InteractionData, load_dataset
+from fastfair.fl.model import ClientModel, Head
+from fastfair.fl.runner import INIT_STD, Config, FederatedRunner
+from fastfair.nn import HashedEmbedding
+
+HERE = pathlib.Path(__file__).resolve().parent
+ROUND = dict(method="fair", arch="neumf", dim=8, tiers="2:0-1", clients_per_round=10,
+             local_epochs=5, batch_size=512, lr=1e-3, optimizer="adam", loss="bpr", negatives=1,
+             chunk_size=1, seed=0)
+MEMORY_FRACTION = 1 / 16
+MEMORY_EPOCHS = 1
+# The reference code draws h from [0, 2**29) with a torch generator seeded with this value.
+HASH_RANGE = 2**29
+REFERENCE_SEED = 2023
+TARGET_SPEEDUP = 10
+TARGET_MEMORY_RATIO = 16
+
+
+# ----------------------------------------------------------------------------------------------
+# The reference approach
+
+
+class StoredHashEmbedding(nn.Module):
+    """An item table held as a hashed array ``weight`` of size ``m`` with the hash materialised.
+
+    A seeded ``torch.Generator`` draws ``h[i, k]`` uniformly from ``[0, 2**29)``, then
+    ``sign[i, k]`` uniformly from ``{-1, +1}``, element by element (chunk size 1), and the module
+    stores ``idx = h mod m`` (int64) and ``sign`` (float32), both ``n x d``. Rows are
+    ``V[i, k] = sign[i, k] * weight[idx[i, k]]``. Every size draws the same ``h`` from the same
+    seed, so for ``m'`` dividing ``m``, ``idx_{m'} = idx_m mod m'``: the subspaces nest.
+    """
+
+    def __init__(self, num_items: int, dim: int, memory_size: int, seed: int):
+        super().__init__()
+        gen = torch.Generator().manual_seed(seed)
+        h = torch.randint(0, HASH_RANGE, (num_items, dim), generator=gen)
+        self.register_buffer("idx", h.remainder_(memory_size))
+        self.register_buffer("sign", torch.randint(0, 2, (num_items, dim), generator=gen,
+                                                   dtype=torch.float32).mul_(2).sub_(1))
+        self.weight = nn.Parameter(torch.zeros(memory_size))
+
+    def forward(self, items: Tensor) -> Tensor:
+        return self.weight[self.idx[items]] * self.sign[items]
+
+    def counts(self) -> Tensor:
+        """``cnt[s] = #{(i, k) : idx[i, k] = s}``."""
+        return torch.bincount(self.idx.view(-1), minlength=self.weight.numel())
+
+    @torch.no_grad()
+    def project(self, dense: Tensor) -> Tensor:
+        """The least-squares array of a dense table:
+        ``w[s] = sum_{idx[i,k]=s} sign[i,k] D[i,k] / cnt[s]``, 0 where ``cnt[s] = 0``."""
+        sums = torch.zeros(self.weight.numel(), dtype=dense.dtype)
+        sums.index_add_(0, self.idx.view(-1), (dense * self.sign).view(-1))
+        return sums / self.counts().clamp_(min=1)
+
+    @torch.no_grad()
+    def expand(self) -> Tensor:
+        """The dense virtual table ``V = sign * weight[idx]``, ``n x d``."""
+        return self.weight[self.idx] * self.sign
+
+
+def train_client(model: ClientModel, items: Tensor, num_items: int, cfg: Config,
+                 gen: torch.Generator) -> None:
+    """``cfg.local_epochs`` passes over ``items`` in shuffled batches of ``cfg.batch_size``, a
+    fresh Adam, BPR loss ``-log sigmoid(s(u, i) - s(u, j))`` with ``cfg.negatives`` uniform
+    negatives ``j`` per positive ``i`` redrawn every epoch: the loop of
+    ``FederatedRunner.local_train`` for these settings."""
+    # The reference code's Adam is the default per-tensor one; the fused kernels that fastfair's
+    # runner uses run the same update several times faster on CPU. Both sides get them, so the
+    # comparison measures the tables, not the optimizer.
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=True)
+    for _ in range(cfg.local_epochs):
+        order = items[torch.randperm(items.numel(), generator=gen)]
+        negs = torch.randint(0, num_items, (items.numel(), cfg.negatives), generator=gen)
+        for start in range(0, items.numel(), cfg.batch_size):
+            # Positives and negatives in one lookup, as the runner does: one backward (and one
+            # whole-array gradient) per table and step.
+            batch = torch.cat([order[start:start + cfg.batch_size, None],
+                               negs[start:start + cfg.batch_size]], 1)
+            scores = model(batch)
+            loss = -F.logsigmoid(scores[:, :1] - scores[:, 1:]).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+
+def reference_client(num_items: int, dim: int, memory_size, arrays: dict, head_state: dict,
+                     user: dict) -> ClientModel:
+    """A reference-approach device with the head and the user's vectors. Dense ``nn.Embedding``
+    tables (copies of ``arrays[name]``, ``n x d``) when ``memory_size`` is None; else one
+    ``StoredHashEmbedding`` per table (seed ``REFERENCE_SEED + k``) holding ``arrays[name]``: its
+    array, or the projection of it when it is a dense ``n x d`` table (a download)."""
+    def make_table(name):
+        if memory_size is None:
+            return nn.Embedding.from_pretrained(arrays[name].clone(), freeze=False)
+        table = StoredHashEmbedding(num_items, dim, memory_size,
+                                    REFERENCE_SEED + ("gmf", "mlp").index(name))
+        value = arrays[name]
+        with torch.no_grad():
+            table.weight.copy_(table.project(value) if value.dim() == 2 else value)
+        return table
+
+    model = ClientModel("neumf", num_items, dim, make_table)
+    _load_private_state(model, head_state, user)
+    return model
+
+
+def _load_private_state(model: ClientModel, head_state: dict, user: dict) -> None:
+    with torch.no_grad():
+        model.user_gmf.copy_(user["gmf"])
+        model.user_mlp.copy_(user["mlp"])
+    model.head.load_state_dict(head_state)
+
+
+class ReferenceFair:
+    """FAIR rounds run the way the reference code runs them (NeuMF only).
+
+    The server keeps dense ``n x d`` item tables ``T`` and the head; user vectors stay private
+    to their clients, as in fastfair. Each sampled client ``c``, one after the other, builds its
+    model (a hashed client materialises its index and sign tables), downloads
+    ``w_c = project_c(T)`` (a dense client copies ``T``), trains with a fresh Adam and uploads.
+    The server then sets, per table,
+
+        ``T <- sum_c p_c expand_c(w_c)``,   ``expand_c(w) = sign_c * w[idx_c]``
+
+    building one dense ``n x d`` temporary per hashed upload; ``p_c`` is proportional to the
+    client's number of training interactions and the head is averaged with the same weights.
+    ``memory_sizes[u]`` is user ``u``'s array size (None: dense tables).
+    """
+
+    def __init__(self, data: InteractionData, cfg: Config, memory_sizes: list):
+        n, d = data.num_items, cfg.dim
+        self.data, self.cfg, self.memory_sizes = data, cfg, list(memory_sizes)
+        self.gen = torch.Generator().manual_seed(cfg.seed)
+        self.tables = {name: torch.randn(n, d, generator=self.gen) * INIT_STD
+                       for name in ("gmf", "mlp")}
+        self.user_vectors = {name: torch.randn(data.num_users, d, generator=self.gen) * INIT_STD
+                             for name in ("gmf", "mlp")}
+        with torch.random.fork_rng():
+            torch.manual_seed(cfg.seed)
+            self.head = Head(d)
+
+    def download(self, client: int) -> ClientModel:
+        n, d = self.data.num_items, self.cfg.dim
+        user = {name: v[client] for name, v in self.user_vectors.items()}
+        return reference_client(n, d, self.memory_sizes[client], self.tables,
+                                self.head.state_dict(), user)
+
+    def run_round(self, clients: list) -> None:
+        """Train ``clients`` one after the other, then aggregate their uploads."""
+        uploads = []
+        for client in clients:
+            model = self.download(client)
+            items = self.data.user_items(client)
+            train_client(model, items, self.data.num_items, self.cfg, self.gen)
+            with torch.no_grad():
+                self.user_vectors["gmf"][client] = model.user_gmf
+                self.user_vectors["mlp"][client] = model.user_mlp
+            uploads.append((model, float(items.numel())))
+        total = sum(w for _, w in uploads)
+        for name in ("gmf", "mlp"):
+            acc = torch.zeros_like(self.tables[name])
+            for model, w in uploads:
+                table = getattr(model, f"item_{name}")
+                if isinstance(table, StoredHashEmbedding):
+                    acc += (w / total) * table.expand()
+                else:
+                    acc += (w / total) * table.weight.detach()
+            self.tables[name] = acc
+        state = {k: torch.zeros_like(v) for k, v in self.head.state_dict().items()}
+        for model, w in uploads:
+            for k, v in model.head.state_dict().items():
+                state[k] += (w / total) * v
+        self.head.load_state_dict(state)
+
+
+def memory_sizes_of(runner: FederatedRunner) -> list:
+    """Every user's array size in ``runner`` (None for dense tables); both tables of a device
+    have the same size."""
+    return [None if (s := runner.view(u).specs["gmf"]) is None else s.memory_size
+            for u in range(runner.data.num_users)]
+
+
+# ----------------------------------------------------------------------------------------------
+# Memory of one client, in a fresh interpreter
+
+
+def _set_threads(threads: int) -> None:
+    torch.set_num_threads(threads)
+    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+
+
+def _status_kb(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    raise KeyError(key)
+
+
+def _fastfair_client(num_items: int, dim: int, memory_size: int, seeds: dict, arrays: dict,
+                     head_state: dict, user: dict) -> ClientModel:
+    """The model ``FederatedRunner.download`` builds for a hashed device, from its arrays."""
+    def make_table(name):
+        table = HashedEmbedding(num_items, dim, memory_size=memory_size, seed=seeds[name])
+        with torch.no_grad():
+            table.weight.copy_(arrays[name])
+        return table
+
+    model = ClientModel("neumf", num_items, dim, make_table)
+    _load_private_state(model, head_state, user)
+    return model
+
+
+def _build_client(impl: str, p: dict, num_items: int, memory_size: int) -> ClientModel:
+    if impl == "fastfair":
+        return _fastfair_client(num_items, p["dim"], memory_size, p["seeds"], p["arrays"],
+                                p["head"], p["user"])
+    return reference_client(num_items, p["dim"], memory_size, p["arrays"], p["head"], p["user"])
+
+
+def _memory_child(payload_path: str, impl: str) -> None:
+    """Build one hashed client from the downloaded arrays in ``payload_path`` and train it;
+    print the rise of the peak resident memory over the resident size before it, in MB, and
+    the bytes the client holds."""
+    p = torch.load(payload_path)
+    _set_threads(p["threads"])
+    cfg = Config(**{**ROUND, "local_epochs": MEMORY_EPOCHS})
+    gen = torch.Generator().manual_seed(0)
+    # Kernels compile and allocators initialise on a tiny table, outside the measured region.
+    tiny = _build_client(impl, {**p, "arrays": {k: v[:500] for k, v in p["arrays"].items()}},
+                         1000, 500)
+    train_client(tiny, torch.arange(0, 1000, 2), 1000, cfg, gen)
+    del tiny
+    gc.collect()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    base = _status_kb("VmRSS")
+    model = _build_client(impl, p, p["num_items"], p["memory_size"])
+    train_client(model, p["items"], p["num_items"], cfg, gen)
+    peak_mb = (_status_kb("VmHWM") - base) / 1024
+    params = sum(t.numel() * t.element_size() for t in model.parameters())
+    tables = sum(t.numel() * t.element_size() for t in model.buffers())
+    print(json.dumps({"peak_rise_mb": peak_mb, "held_bytes": {
+        "parameters": params, "adam_state": 2 * params, "index_sign_tables": tables,
+        "total": 3 * params + tables}}))
+
+
+def measure_client_memory(data: InteractionData, threads: int) -> dict:
+    """Peak memory of one 1/16-capacity client's local training under both approaches."""
+    cfg = Config(**{**ROUND, "tiers": f"{MEMORY_FRACTION}:1"})
+    client = int(torch.argmax(data.train_counts()))
+    runner = FederatedRunner(data, cfg)
+    view = runner.view(client)
+    downloaded = runner.download(client, view)
+    memory_size = view.specs["gmf"].memory_size
+    common = {"threads": threads, "num_items": data.num_items, "dim": cfg.dim,
+              "memory_size": memory_size, "items": data.user_items(client).clone()}
+    fastfair_payload = {
+        **common, "seeds": {name: s.seed for name, s in view.specs.items()},
+        "arrays": {name: getattr(downloaded, f"item_{name}").weight.detach().clone()
+                   for name in ("gmf", "mlp")},
+        "head": downloaded.head.state_dict(),
+        "user": {"gmf": downloaded.user_gmf.detach().clone(),
+                 "mlp": downloaded.user_mlp.detach().clone()}}
+    reference = ReferenceFair(data, cfg, [memory_size] * data.num_users).download(client)
+    reference_payload = {
+        **common,
+        "arrays": {name: getattr(reference, f"item_{name}").weight.detach().clone()
+                   for name in ("gmf", "mlp")},
+        "head": reference.head.state_dict(),
+        "user": {"gmf": reference.user_gmf.detach().clone(),
+                 "mlp": reference.user_mlp.detach().clone()}}
+    del runner, downloaded, reference
+    out = {"client": client, "interactions": int(data.train_counts()[client]),
+           "fraction": MEMORY_FRACTION, "memory_size": memory_size, "epochs": MEMORY_EPOCHS}
+    with tempfile.TemporaryDirectory() as tmp:
+        for impl, payload in (("fastfair", fastfair_payload), ("reference", reference_payload)):
+            path = os.path.join(tmp, f"{impl}.pt")
+            torch.save(payload, path)
+            res = subprocess.run([sys.executable, __file__, "--memory-child", impl, path],
+                                 capture_output=True, text=True, check=True)
+            out[impl] = json.loads(res.stdout.strip().splitlines()[-1])
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# The round benchmark
+
+
+def time_rounds(data: InteractionData, rounds: int) -> dict:
+    """Alternating rounds of fastfair and the reference approach on the same clients."""
+    runner = FederatedRunner(data, Config(**ROUND))
+    reference = ReferenceFair(data, runner.cfg, memory_sizes_of(runner))
+    seconds = {"fastfair": [], "reference": []}
+    sampled = []
+    for r in range(rounds + 1):
+        before = runner.user_vectors["gmf"].clone()
+        t0 = time.perf_counter()
+        runner.run_round()
+        t_fastfair = time.perf_counter() - t0
+        # A trained client's private vectors always move, and only trained clients' do.
+        clients = torch.nonzero((runner.user_vectors["gmf"] != before).any(1)).flatten().tolist()
+        if len(clients) != runner.cfg.clients_per_round:
+            raise RuntimeError(f"found {len(clients)} trained clients in fastfair's round, "
+                               f"expected {runner.cfg.clients_per_round}")
+        t0 = time.perf_counter()
+        reference.run_round(clients)
+        t_reference = time.perf_counter() - t0
+        if r:  # round 0 warms up (Numba cache loads, first-touch allocations)
+            seconds["fastfair"].append(t_fastfair)
+            seconds["reference"].append(t_reference)
+            sampled.append(clients)
+    sizes = reference.memory_sizes
+    return {"seconds": seconds, "clients": sampled,
+            "hashed_clients_per_round": [sum(sizes[c] is not None for c in cs) for cs in sampled],
+            "interactions_per_round": [int(sum(data.user_items(c).numel() for c in cs))
+                                       for cs in sampled],
+            "hashed_memory_size": next(m for m in sizes if m is not None)}
+
+
+def _cpu_model() -> str:
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, check=True, cwd=HERE).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def _package_changes() -> list:
+    """Package files that differ from the recorded commit (the run used the working tree)."""
+    try:
+        out = subprocess.run(["git", "status", "--porcelain", "--", "fastfair"],
+                             capture_output=True, text=True, check=True, cwd=HERE.parent).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return []
+    return [line[3:] for line in out.splitlines()]
+
+
+def _versions() -> dict:
+    import numpy
+
+    import fastfair
+    return {"python": platform.python_version(), "torch": torch.__version__,
+            "numpy": numpy.__version__, "numba": numba.__version__,
+            "fastfair": fastfair.__version__}
+
+
+def table(doc: dict) -> str:
+    """The markdown summary of a results document."""
+    t, m = doc["round"], doc["memory"]
+    med = t["median_seconds"]
+    held = {k: m[k]["held_bytes"]["total"] / 2**20 for k in ("fastfair", "reference")}
+    rows = [
+        f"FAIR round on {doc['dataset']['name']} (K={doc['config']['clients_per_round']}, "
+        f"E={doc['config']['local_epochs']}, d={doc['config']['dim']}, NeuMF, tiers "
+        f"{doc['config']['tiers']}), median of {len(t['seconds']['fastfair'])} rounds; "
+        f"{doc['machine']['cpu']}, torch/Numba threads {doc['machine']['torch_threads']}, "
+        f"commit {doc['commit']}.",
+        "",
+        "| implementation | round s | speed-up | 1/16 client peak MB | held MB |",
+        "|---|---|---|---|---|",
+    ]
+    for k in ("fastfair", "reference"):
+        rows.append(f"| {k} | {med[k]:.2f} | {med['reference'] / med[k]:.1f}x | "
+                    f"{m[k]['peak_rise_mb']:.1f} | {held[k]:.1f} |")
+    rows += ["", f"Speed-up {doc['ratios']['speedup']:.2f}x (target {TARGET_SPEEDUP}x), peak "
+             f"memory {doc['ratios']['peak_memory']:.1f}x below, held bytes "
+             f"{doc['ratios']['held_bytes']:.1f}x below (target {TARGET_MEMORY_RATIO}x)."]
+    return "\n".join(rows)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rounds", type=int, default=3, help="timed rounds after one warm-up")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch and Numba threads for both implementations (default 1: on a "
+                         "small shared machine more threads contend with other work)")
+    ap.add_argument("--out", type=pathlib.Path, default=HERE / "results" / "fair_round.json",
+                    help="results JSON (default benchmarks/results/fair_round.json)")
+    ap.add_argument("--memory-child", nargs=2, metavar=("IMPL", "PAYLOAD"),
+                    help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.memory_child:
+        _memory_child(args.memory_child[1], args.memory_child[0])
+        return
+    if args.rounds < 1 or args.threads < 1:
+        ap.error("--rounds and --threads must be at least 1")
+    try:
+        data = load_dataset("goodreads")
+    except FileNotFoundError as err:
+        raise SystemExit(f"fair_round.py needs Goodreads-100: {err}") from None
+    _set_threads(args.threads)
+    memory = measure_client_memory(data, args.threads)
+    timing = time_rounds(data, args.rounds)
+    med = {k: statistics.median(v) for k, v in timing["seconds"].items()}
+    peak = {k: memory[k]["peak_rise_mb"] for k in ("fastfair", "reference")}
+    held = {k: memory[k]["held_bytes"]["total"] for k in ("fastfair", "reference")}
+    ratios = {"speedup": med["reference"] / med["fastfair"],
+              "peak_memory": peak["reference"] / peak["fastfair"],
+              "held_bytes": held["reference"] / held["fastfair"]}
+    doc = {
+        "benchmark": "fair_round",
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": shlex.join(["python", os.path.relpath(__file__), *sys.argv[1:]]),
+        "commit": _commit(),
+        "uncommitted_package_changes": _package_changes(),
+        "machine": {"cpu": _cpu_model(), "cores": os.cpu_count(),
+                    "torch_threads": torch.get_num_threads(),
+                    "numba_threads": numba.get_num_threads()},
+        "versions": _versions(),
+        "dataset": {"name": data.name, "users": data.num_users, "items": data.num_items,
+                    "train_interactions": data.num_train},
+        "config": ROUND,
+        "notes": [
+            "Both implementations train the same sampled clients (read off fastfair's round) "
+            "with the same capacities and array sizes, and use the same fused Adam.",
+            "Round seconds include download, local training and aggregation; rounds alternate "
+            "between the implementations after one warm-up round each.",
+            "Peak MB: rise of VmHWM over VmRSS, fresh process, from building the client's model "
+            "(index/sign tables included for the reference) through one epoch of training.",
+        ],
+        "round": {**timing, "median_seconds": med},
+        "memory": memory,
+        "ratios": ratios,
+        "targets": {"speedup": TARGET_SPEEDUP, "memory_ratio": TARGET_MEMORY_RATIO,
+                    "speedup_met": ratios["speedup"] >= TARGET_SPEEDUP,
+                    "peak_memory_met": ratios["peak_memory"] >= TARGET_MEMORY_RATIO},
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(doc, indent=1) + "\n")
+    print(table(doc))
+
+
+if __name__ == "__main__":
+    main()
