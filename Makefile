@@ -5,7 +5,7 @@ VENV    ?= .venv
 VPY     := $(VENV)/bin/python
 TORCH   ?= torch==2.13.0
 
-.PHONY: setup test demo bench-report clean
+.PHONY: setup test demo bench clean
 
 $(VENV)/.ready: setup.py pyproject.toml CMakeLists.txt
 	test -x $(VPY) || $(PY) -m venv $(VENV)
@@ -22,8 +22,15 @@ setup: $(VENV)/.ready
 test: setup
 	$(VPY) -m pytest tests -q -ra
 
-# The main job until the federated runner exists: the CPU microbenchmark and its table.
+# The main command: every method on three tier mixes of the synthetic default (half the users
+# at full capacity, half at 1/2, 1/8 or 1/64); prints the table, writes it, the plot, the records
+# and the checkpoints to runs/demo. 1-2 minutes on 2 CPU cores.
+DEMO_ARGS ?= --rounds 30 --eval-every 5 --lr 0.01 --tiers 2:0-1 --tiers 2:0-3 --tiers 2:0-6
 demo: setup
+	$(VPY) -m fastfair compare --out runs/demo --overwrite $(DEMO_ARGS)
+
+# The CPU microbenchmark of the embedding ops and its table.
+bench: setup
 	$(VPY) -m pytest benchmarks -q --benchmark-columns=median,iqr,rounds \
 		--benchmark-json=benchmarks/results/cpu_embedding_bag.json
 	$(VPY) benchmarks/report.py benchmarks/results/cpu_embedding_bag.json

@@ -696,7 +696,7 @@ def synthetic(num_users: int = 1000, num_items: int = 2000, dim: int = 16, *,
 # ----------------------------------------------------------------------------------------------
 
 # name -> (loader, folder under the data directory)
-_DATASETS = {
+DATASETS = {
     "synthetic": (synthetic, None),
     "ml-100k": (load_movielens, "ml-100k"),
     "movielens": (load_movielens, "ml-100k"),
@@ -727,9 +727,9 @@ def load_dataset(name: str, data_dir=None, **kwargs) -> InteractionData:
     if not isinstance(name, str):
         raise TypeError(f"name must be a str, got {name!r} ({type(name).__name__})")
     key = name.strip().lower()
-    if key not in _DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; known: {', '.join(_DATASETS)}")
-    loader, folder = _DATASETS[key]
+    if key not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")
+    loader, folder = DATASETS[key]
     if folder is None:
         if data_dir is not None:
             raise ValueError(f"dataset {name!r} is generated, it takes no data_dir "

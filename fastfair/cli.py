@@ -1,0 +1,628 @@
+"""The ``fastfair`` command line: federated training from a shell.
+
+``fastfair train`` runs one method on one tier mix; ``fastfair compare`` runs several methods x
+tier mixes on the same data and seeds. Both write to ``--out``:
+
+* ``config.json``: every setting (seeds included), the command lines, versions, the data summary
+  and, per run, its full ``Config`` and ``FederatedRunner.describe()`` (tier sizes and bytes);
+* ``results.jsonl``: one JSON object per evaluation;
+* ``summary.md``: method x tier mix -> final and best metrics, MB moved, rounds (also printed);
+* ``plot.png``: metric vs round, and final metric vs the smallest tier's capacity;
+* ``checkpoints/<method>__<tiers>.pt``: ``FederatedRunner.save`` every ``--checkpoint-every``
+  rounds and at the end; ``--resume`` continues every run bit-identically from them.
+
+Every bad argument or data problem ends with one line ``fastfair: error: ...`` and status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import inspect
+import json
+import math
+import os
+import pickle
+import platform
+import re
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from . import __version__
+from .fl.data import DATASETS, load_dataset, synthetic
+from .fl.model import ARCHS
+from .fl.runner import (ASSIGNMENTS, LOSSES, METHODS, OPTIMIZER_STATES, OPTIMIZERS, Config,
+                        FederatedRunner)
+from .fl.tiers import fraction_label, parse_tiers
+
+CONFIG_FILE = "config.json"
+RESULTS_FILE = "results.jsonl"
+SUMMARY_FILE = "summary.md"
+PLOT_FILE = "plot.png"
+CHECKPOINT_DIR = "checkpoints"
+# Half the users keep the full table, the other half hold 1/2, 1/8 or 1/64 of it: from where every
+# baseline still works to where only hashing does.
+COMPARE_TIERS = ("2:0-1", "2:0-3", "2:0-6")
+# Fields of a record that measure time: the only ones a resumed run may change.
+TIMING_FIELDS = ("seconds", "eval_seconds")
+# Settings a --resume may change: they decide how far and how visibly a run goes, not what it
+# computes.
+RESUMABLE_SETTINGS = ("rounds", "checkpoint_every", "quiet", "resume", "overwrite", "out",
+                      "data_dir")
+
+_CHOICES = {"method": METHODS, "arch": ARCHS, "assignment": ASSIGNMENTS, "optimizer": OPTIMIZERS,
+            "optimizer_state": OPTIMIZER_STATES, "loss": LOSSES}
+_SHORT = {"clients_per_round": "-K", "local_epochs": "-E"}
+_HELP = {
+    "arch": "model",
+    "dim": "embedding dimension d",
+    "assignment": "how users get tiers: seeded shuffle, or the most active get the largest",
+    "clients_per_round": "clients sampled per round (without replacement)",
+    "rounds": "federated rounds",
+    "local_epochs": "local epochs per round",
+    "batch_size": "local batch size",
+    "lr": "client learning rate",
+    "optimizer": "client optimizer",
+    "optimizer_state": "fresh optimizer every round, or one kept on each client",
+    "loss": "training loss",
+    "negatives": "uniform negatives per positive, redrawn every epoch",
+    "chunk_size": "hash chunk size Z (contiguous elements per hash)",
+    "dropout": "probability that a sampled client never returns its update",
+    "seed": "seed of the runner (initialisation, tiers, hashes, sampling)",
+    "eval_every": "evaluate every N rounds (and after the last)",
+}
+_CONFIG_FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+_SYNTHETIC = {k: p.default for k, p in inspect.signature(synthetic).parameters.items()}
+
+
+class _UsageError(Exception):
+    """A bad command line, reported like every other error: one line, status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        raise _UsageError(message)
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text}")
+    return value
+
+
+# argparse names the type in its message ("invalid _positive value"); these read better.
+_positive.__name__ = "positive int"
+_non_negative.__name__ = "int >= 0"
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    data = parser.add_argument_group("data")
+    data.add_argument("--dataset", default="synthetic",
+                      help=f"one of {', '.join(DATASETS)} (default: %(default)s, generated)")
+    data.add_argument("--data-dir", metavar="DIR",
+                      help="the dataset's folder (default: its folder under $FASTFAIR_DATA_DIR "
+                           "or ../shared/data)")
+    data.add_argument("--users", type=_positive, metavar="N",
+                      help=f"synthetic only: number of users (default: {_SYNTHETIC['num_users']})")
+    data.add_argument("--items", type=_positive, metavar="N",
+                      help=f"synthetic only: number of items (default: {_SYNTHETIC['num_items']})")
+    data.add_argument("--data-seed", type=_non_negative, metavar="S",
+                      help=f"synthetic only: seed of the generator (default: {_SYNTHETIC['seed']})")
+
+    train = parser.add_argument_group("training (fastfair.fl.runner.Config)")
+    for name, field in _CONFIG_FIELDS.items():
+        if name in ("method", "tiers", "ks"):
+            continue
+        flags = [f"--{name.replace('_', '-')}"] + ([_SHORT[name]] if name in _SHORT else [])
+        kind = type(field.default)
+        train.add_argument(*flags, dest=name, type=kind, default=field.default,
+                           choices=_CHOICES.get(name),
+                           metavar=None if name in _CHOICES else kind.__name__.upper(),
+                           help=f"{_HELP.get(name, name)} (default: %(default)s)")
+    train.add_argument("--k", dest="ks", type=_positive, action="append", metavar="K",
+                       help="metric cut-off, repeatable; the first is the one plotted "
+                            f"(default: {', '.join(map(str, Config.ks))})")
+
+    out = parser.add_argument_group("output")
+    out.add_argument("--out", metavar="DIR",
+                     help="output folder (default: runs/<command>-<dataset>)")
+    out.add_argument("--overwrite", action="store_true",
+                     help="start again in an --out folder that already holds a run")
+    out.add_argument("--resume", action="store_true",
+                     help="continue the run in --out from its checkpoints up to --rounds "
+                          "(same command line otherwise)")
+    out.add_argument("--checkpoint-every", type=_non_negative, metavar="N",
+                     help="checkpoint every N rounds and at the end "
+                          "(default: at every evaluation; 0: only at the end)")
+    out.add_argument("--quiet", action="store_true",
+                     help="no progress output; the summary table is still printed")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="fastfair", allow_abbrev=False,
+                     description="Federated recommendation with item tables of any size "
+                                 "(FAIR and baselines).")
+    parser.add_argument("--version", action="version", version=f"fastfair {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    train = commands.add_parser("train", allow_abbrev=False, help="run one method",
+                                description="Train one method on one tier mix.")
+    train.add_argument("--method", default=Config.method, choices=METHODS,
+                       help="(default: %(default)s)")
+    train.add_argument("--tiers", default=Config.tiers, metavar="SPEC",
+                       help="tier mix, e.g. 2:0-1-2-3 or 1:0.5,1/64:0.5 (default: %(default)s)")
+    _add_common(train)
+    compare = commands.add_parser("compare", allow_abbrev=False,
+                                  help="run several methods x tier mixes",
+                                  description="Run every method on every tier mix, on the same "
+                                              "data and seeds.")
+    compare.add_argument("--methods", default=",".join(METHODS), metavar="LIST",
+                         help="comma-separated methods among %(default)s (default: all)")
+    compare.add_argument("--tiers", action="append", metavar="SPEC",
+                         help="a tier mix, repeatable "
+                              f"(default: {' '.join(COMPARE_TIERS)})")
+    _add_common(compare)
+    return parser
+
+
+# ---------------------------------------------------------------------------------------------
+# Planning: everything is checked before anything is written
+# ---------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class _Run:
+    """One method on one tier mix."""
+
+    config: Config
+    name: str
+    smallest: float
+    not_run: Optional[str] = None      # why the method cannot train this mix at all
+    unsupported: Optional[str] = None  # tiers it cannot represent (they sit out)
+    described: list = dataclasses.field(default_factory=list)
+    start: int = 0                     # round of the checkpoint a resumed run continues from
+
+    @property
+    def key(self) -> tuple:
+        return self.config.method, self.config.tiers
+
+
+def _methods(args) -> list:
+    if args.command == "train":
+        return [args.method]
+    methods = list(dict.fromkeys(m.strip() for m in args.methods.split(",") if m.strip()))
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        raise ValueError(f"--methods: unknown method(s) {unknown or [args.methods]}; choose from "
+                         f"{', '.join(METHODS)}")
+    return methods
+
+
+def _tier_mixes(args) -> list:
+    if args.command == "train":
+        mixes = [args.tiers]
+    else:
+        mixes = list(dict.fromkeys(args.tiers or COMPARE_TIERS))
+    for spec in mixes:
+        parse_tiers(spec)
+    return mixes
+
+
+def _load_data(args):
+    key = args.dataset.strip().lower()
+    if key not in DATASETS:
+        return load_dataset(args.dataset)  # raises, naming the datasets it knows
+    given = {"--users": args.users, "--items": args.items, "--data-seed": args.data_seed}
+    if DATASETS[key][1] is not None:  # read from files, not generated
+        named = [flag for flag, value in given.items() if value is not None]
+        if named:
+            raise ValueError(f"{', '.join(named)}: only for --dataset synthetic, not "
+                             f"{args.dataset!r}")
+        return load_dataset(args.dataset, args.data_dir)
+    kwargs = {name: value for name, value in (("num_users", args.users),
+                                              ("num_items", args.items),
+                                              ("seed", args.data_seed)) if value is not None}
+    if args.items is not None:
+        # The generator's default activity cap leaves too few items for the 99 test negatives
+        # on small catalogues; cap it instead of refusing the size.
+        room = args.items - _SYNTHETIC["num_negatives"]
+        if room < _SYNTHETIC["max_interactions"]:
+            kwargs["max_interactions"] = max(room, _SYNTHETIC["min_interactions"])
+    return load_dataset(args.dataset, args.data_dir, **kwargs)
+
+
+def _file_stem(method: str, tiers: str) -> str:
+    return f"{method}__{re.sub(r'[^A-Za-z0-9.-]+', '_', tiers.strip())}"
+
+
+def _plan(args, data) -> list:
+    methods, mixes = _methods(args), _tier_mixes(args)
+    shared = {name: getattr(args, name) for name in _CONFIG_FIELDS
+              if name not in ("method", "tiers", "ks")}
+    ks = tuple(dict.fromkeys(args.ks)) if args.ks else Config.ks
+    runs, stems = [], {}
+    for tiers in mixes:
+        smallest = min(t.fraction for t in parse_tiers(tiers))
+        for method in methods:
+            config = Config(method=method, tiers=tiers, ks=ks, **shared)
+            config.check(data)
+            stem = _file_stem(method, tiers)
+            if stem in stems:
+                raise ValueError(f"tier mixes {stems[stem]!r} and {tiers!r} would share the "
+                                 f"checkpoint name {stem}; write them alike or drop one")
+            stems[stem] = tiers
+            run = _Run(config, stem, smallest)
+            try:
+                runner = FederatedRunner(data, config)
+            except ValueError as err:
+                if args.command == "train":
+                    raise
+                run.not_run = str(err)
+            else:
+                run.unsupported = runner.unsupported_message()
+                run.described = runner.describe()
+            runs.append(run)
+    if all(run.not_run for run in runs):
+        raise ValueError(f"no run can train: {runs[0].not_run}")
+    return runs
+
+
+def _settings(args, methods, mixes) -> dict:
+    """Every setting of the command, JSON-normalised (so a stored copy compares equal)."""
+    settings = {k: v for k, v in vars(args).items() if k not in ("method", "methods", "tiers")}
+    settings.update(methods=methods, tier_mixes=mixes,
+                    ks=list(dict.fromkeys(args.ks)) if args.ks else list(Config.ks))
+    return json.loads(json.dumps(settings))
+
+
+def _load_checkpoint(path: Path, data) -> FederatedRunner:
+    try:
+        return FederatedRunner.load(path, data)
+    except (RuntimeError, pickle.UnpicklingError, EOFError) as err:
+        raise ValueError(f"cannot read checkpoint {path}: {err}") from None
+
+
+def _check_resume(out: Path, runs: list, data, settings: dict, rounds: int) -> None:
+    """Set each run's start round from its checkpoint; refuse what cannot continue exactly."""
+    config_file = out / CONFIG_FILE
+    if not config_file.is_file():
+        raise FileNotFoundError(f"--resume: {out} holds no run to resume (no {CONFIG_FILE})")
+    before = json.loads(config_file.read_text()).get("settings")
+    if not isinstance(before, dict):
+        raise ValueError(f"--resume: {config_file} holds no fastfair settings")
+    changed = [f"{k} {before.get(k)!r} -> {v!r}" for k, v in settings.items()
+               if k not in RESUMABLE_SETTINGS and before.get(k) != v]
+    if changed:
+        raise ValueError(f"--resume: settings differ from the run in {out}: {'; '.join(changed)}")
+    found = False
+    for run in runs:
+        path = out / CHECKPOINT_DIR / f"{run.name}.pt"
+        if run.not_run or not path.is_file():
+            continue
+        runner = _load_checkpoint(path, data)
+        saved, wanted = dataclasses.asdict(runner.cfg), dataclasses.asdict(run.config)
+        diff = sorted(k for k in wanted if k != "rounds" and saved[k] != wanted[k])
+        if diff:
+            raise ValueError(f"checkpoint {path} was taken with different settings: {diff}")
+        if runner.round_index > rounds:
+            raise ValueError(f"--resume --rounds {rounds}: {run.config.method} on "
+                             f"{run.config.tiers} already trained {runner.round_index} rounds")
+        run.start = runner.round_index
+        found = True
+    if not found:
+        raise FileNotFoundError(f"--resume: no checkpoint in {out / CHECKPOINT_DIR}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Files
+# ---------------------------------------------------------------------------------------------
+
+def _plain(value):
+    """JSON-safe: non-finite floats become null (JSON has no NaN)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _read_records(path: Path) -> list:
+    if not path.is_file():
+        return []
+    lines = path.read_text().splitlines()
+    records = []
+    for number, line in enumerate(lines, 1):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            # A run killed mid-write leaves a torn last line; anything else is not ours to drop.
+            if number < len(lines):
+                raise ValueError(f"{path}, line {number} is not JSON") from None
+    return records
+
+
+def _data_record(data) -> dict:
+    return {"name": data.name, "num_users": data.num_users, "num_items": data.num_items,
+            "num_train": data.num_train, "num_test": data.num_test, "protocol": data.protocol,
+            "info": {k: v for k, v in data.info.items() if isinstance(v, (str, int, float))},
+            "summary": data.summary()}
+
+
+def _write_config(out: Path, settings: dict, argv: list, data, runs: list) -> None:
+    path = out / CONFIG_FILE
+    commands = json.loads(path.read_text()).get("commands", []) if settings["resume"] else []
+    commands.append(shlex.join(["fastfair", *argv]))
+    config = {
+        "settings": settings,
+        "commands": commands,
+        "versions": {"fastfair": __version__, "torch": torch.__version__,
+                     "numpy": np.__version__, "python": platform.python_version(),
+                     "platform": platform.platform(), "torch_threads": torch.get_num_threads()},
+        "data": _data_record(data),
+        "runs": [{"method": r.config.method, "tiers": r.config.tiers,
+                  "config": dataclasses.asdict(r.config),
+                  "checkpoint": f"{CHECKPOINT_DIR}/{r.name}.pt",
+                  "trainable": r.not_run is None, "reason": r.not_run,
+                  "unsupported": r.unsupported, "tiers_described": r.described}
+                 for r in runs],
+    }
+    _write_atomic(path, json.dumps(_plain(config), indent=2) + "\n")
+
+
+def _prepare_out(args, out: Path, runs: list) -> None:
+    ckpt_dir = out / CHECKPOINT_DIR
+    if args.resume:
+        starts = {run.key: run.start for run in runs}
+        kept = [r for r in _read_records(out / RESULTS_FILE)
+                if r["round"] <= starts.get((r["method"], r["tiers"]), -1)]
+        _write_atomic(out / RESULTS_FILE, "".join(json.dumps(r) + "\n" for r in kept))
+        return
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    for name in (CONFIG_FILE, RESULTS_FILE, SUMMARY_FILE, PLOT_FILE):
+        (out / name).unlink(missing_ok=True)
+    for stale in ckpt_dir.glob("*.pt"):
+        stale.unlink()
+    (out / RESULTS_FILE).touch()
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------------
+
+def _record(runner: FederatedRunner, stats: dict, metrics: dict, eval_seconds: float) -> dict:
+    totals = runner.totals
+    return _plain({
+        "method": runner.cfg.method, "tiers": runner.cfg.tiers, "round": stats["round"],
+        "metrics": metrics, "loss": stats["loss"],
+        "clients": stats["clients"], "returned": stats["returned"],
+        "bytes_down": stats["bytes_down"], "bytes_up": stats["bytes_up"],
+        "bytes_down_total": totals["bytes_down"], "bytes_up_total": totals["bytes_up"],
+        "dropped": stats["dropped"], "rejected": stats["rejected"],
+        "dropped_total": totals["dropped"], "rejected_total": totals["rejected"],
+        "by_tier": stats["by_tier"],
+        "seconds": stats["seconds"], "eval_seconds": eval_seconds,
+    })
+
+
+def _train(run: _Run, data, out: Path, args, show_bar: bool) -> None:
+    path = out / CHECKPOINT_DIR / f"{run.name}.pt"
+    if run.start:
+        runner = _load_checkpoint(path, data)
+        # The checkpoint stores the rounds it was started with; it continues to the new target.
+        runner.cfg.rounds = run.config.rounds
+    else:
+        runner = FederatedRunner(data, run.config)
+    cfg = runner.cfg
+    every = cfg.eval_every if args.checkpoint_every is None else args.checkpoint_every
+    metric = f"ndcg@{cfg.ks[0]}"
+    shown = {}
+    started = time.perf_counter()
+    bar = tqdm(total=cfg.rounds, initial=runner.round_index, unit="round", leave=True,
+               desc=f"{cfg.method} {cfg.tiers}", disable=not show_bar, dynamic_ncols=True)
+    with bar, open(out / RESULTS_FILE, "a") as results:
+        while runner.round_index < cfg.rounds:
+            stats = runner.run_round()
+            r = stats["round"]
+            shown["loss"] = f"{stats['loss']:.4f}"
+            if r % cfg.eval_every == 0 or r == cfg.rounds:
+                t0 = time.perf_counter()
+                metrics = runner.evaluate()
+                results.write(json.dumps(_record(runner, stats, metrics,
+                                                 time.perf_counter() - t0)) + "\n")
+                results.flush()
+                shown[metric] = f"{metrics[metric]:.4f}"
+            if (every and r % every == 0) or r == cfg.rounds:
+                runner.save(path)
+            bar.set_postfix(shown, refresh=False)
+            bar.update(1)
+    if not show_bar and not args.quiet:
+        detail = ", ".join(f"{k} {v}" for k, v in shown.items())
+        print(f"{cfg.method} {cfg.tiers}: round {cfg.rounds}, {detail} "
+              f"({time.perf_counter() - started:.1f} s)", flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Summary and plot
+# ---------------------------------------------------------------------------------------------
+
+def _cell(text: str) -> str:
+    return str(text).replace("|", "\\|")
+
+
+def _number(value) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
+def summary_table(runs: list, records: list, ks: tuple) -> str:
+    """Markdown table: one row per run, from its evaluation records."""
+    names = [f"{m}@{k}" for k in ks for m in ("ndcg", "hr")]
+    header = (["method", "tiers", "smallest tier", "rounds"]
+              + [f"{n} {w}" for n in names for w in ("final", "best")]
+              + ["MB down+up", "notes"])
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for run in runs:
+        mine = sorted((r for r in records if (r["method"], r["tiers"]) == run.key),
+                      key=lambda r: r["round"])
+        row = [run.config.method, run.config.tiers, fraction_label(run.smallest)]
+        if run.not_run or not mine:
+            row += ["n/a"] * (1 + 2 * len(names) + 1)
+            row.append(f"n/a: {run.not_run}" if run.not_run else "no evaluation yet")
+        else:
+            last = mine[-1]
+            row.append(str(last["round"]))
+            for name in names:
+                seen = [r["metrics"][name] for r in mine if r["metrics"].get(name) is not None]
+                row += [_number(last["metrics"].get(name)), _number(max(seen, default=None))]
+            row.append(f"{(last['bytes_down_total'] + last['bytes_up_total']) / 1e6:.2f}")
+            row.append(run.unsupported or "")
+        lines.append("| " + " | ".join(_cell(c) for c in row) + " |")
+    return "\n".join(lines)
+
+
+def _write_summary(out: Path, title: str, table: str) -> None:
+    text = (f"# {title}\n\n{table}\n\nfinal: the last evaluation; best: the best evaluation of "
+            f"the run; MB: bytes downloaded + uploaded by all clients over all rounds "
+            f"(1 MB = 10^6 bytes). Per-evaluation records: `{RESULTS_FILE}`; settings: "
+            f"`{CONFIG_FILE}`.\n")
+    _write_atomic(out / SUMMARY_FILE, text)
+
+
+def write_plot(path: Path, runs: list, records: list, metric: str, title: str) -> None:
+    """Left: ``metric`` vs round, one line per run (colour: method, style: tier mix). Right: the
+    final ``metric`` vs the smallest tier's capacity, one line per method."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import MaxNLocator
+
+    colours = {m: f"C{i}" for i, m in enumerate(METHODS)}
+    mixes = list(dict.fromkeys(run.config.tiers for run in runs))
+    styles = {t: ("-", "--", ":", "-.")[i % 4] for i, t in enumerate(mixes)}
+    fig = Figure(figsize=(13, 5), layout="constrained")
+    FigureCanvasAgg(fig)
+    left, right = fig.subplots(1, 2)
+    finals: dict = {}
+    for run in runs:
+        mine = sorted((r for r in records if (r["method"], r["tiers"]) == run.key
+                       and r["metrics"].get(metric) is not None), key=lambda r: r["round"])
+        if run.not_run or not mine:
+            continue
+        method = run.config.method
+        left.plot([r["round"] for r in mine], [r["metrics"][metric] for r in mine],
+                  color=colours[method], linestyle=styles[run.config.tiers], marker=".")
+        finals.setdefault(method, []).append((run.smallest, mine[-1]["metrics"][metric]))
+    for method, points in finals.items():
+        points.sort()
+        right.plot([x for x, _ in points], [y for _, y in points], color=colours[method],
+                   marker="o", label=method)
+    left.set(xlabel="round", ylabel=metric, title=f"{metric} during training")
+    left.xaxis.set_major_locator(MaxNLocator(integer=True))
+    handles = [Line2D([], [], color=colours[m], label=m) for m in finals]
+    handles += [Line2D([], [], color="gray", linestyle=styles[t], label=f"tiers {t}")
+                for t in mixes]
+    left.legend(handles=handles, fontsize="small")
+    smallest = sorted({run.smallest for run in runs})
+    right.set_xscale("log", base=2)
+    right.set_xticks(smallest, [fraction_label(x) for x in smallest])
+    right.minorticks_off()
+    right.set(xlabel="capacity of the smallest tier (fraction of the dense item table)",
+              ylabel=f"final {metric}", title=f"final {metric} vs smallest tier")
+    right.legend(fontsize="small")
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    tmp = path.with_name(path.name + ".tmp")
+    fig.savefig(tmp, format="png", dpi=100)
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Entry point
+# ---------------------------------------------------------------------------------------------
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split()) or type(err).__name__
+
+
+def _setup(argv: list):
+    """Parse, load, check and prepare the output folder; raises on anything bad before any file
+    is written."""
+    args = build_parser().parse_args(argv)
+    if args.resume and args.overwrite:
+        raise ValueError("--resume and --overwrite exclude each other")
+    out = Path(args.out or f"runs/{args.command}-{args.dataset.strip().lower()}")
+    args.out = str(out)
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"--out {out} is a file, not a folder")
+    data = _load_data(args)
+    if data.info.get("generator") == "synthetic":
+        # Recorded as effective values, so config.json names the seed and sizes even when left
+        # to their defaults.
+        args.users, args.items, args.data_seed = data.num_users, data.num_items, data.info["seed"]
+    runs = _plan(args, data)
+    settings = _settings(args, list(dict.fromkeys(r.config.method for r in runs)),
+                         list(dict.fromkeys(r.config.tiers for r in runs)))
+    if args.resume:
+        _check_resume(out, runs, data, settings, args.rounds)
+    elif (out / CONFIG_FILE).exists() and not args.overwrite:
+        raise ValueError(f"{out} already holds a run: pass --resume to continue it or "
+                         f"--overwrite to start again")
+    _prepare_out(args, out, runs)
+    _write_config(out, settings, argv, data, runs)
+    return args, out, data, runs
+
+
+def main(argv: Optional[list] = None) -> int:
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    try:
+        args, out, data, runs = _setup(argv)
+    except SystemExit as done:  # --help, --version
+        return done.code or 0
+    except (_UsageError, ValueError, TypeError, OSError) as err:
+        print(f"fastfair: error: {_one_line(err)}", file=sys.stderr)
+        return 2
+    show_bar = not args.quiet and sys.stderr.isatty()
+    trainable = [run for run in runs if not run.not_run]
+    if not args.quiet:
+        print(data.summary())
+        print(f"{len(trainable)} run(s) of {args.rounds} rounds -> {out}", flush=True)
+    try:
+        for run in trainable:
+            if run.start < args.rounds:
+                _train(run, data, out, args, show_bar)
+    except KeyboardInterrupt:
+        print(f"fastfair: interrupted; the same command with --resume continues from the "
+              f"checkpoints in {out / CHECKPOINT_DIR}", file=sys.stderr)
+        return 130
+    records = _read_records(out / RESULTS_FILE)
+    ks = runs[0].config.ks
+    title = (f"fastfair {args.command} on {data.name}: {data.num_users:,} users, "
+             f"{data.num_items:,} items, d={args.dim}, K={args.clients_per_round}, "
+             f"E={args.local_epochs}")
+    table = summary_table(runs, records, ks)
+    _write_summary(out, title, table)
+    write_plot(out / PLOT_FILE, runs, records, f"ndcg@{ks[0]}", title)
+    print(table)
+    print(f"wrote {out / SUMMARY_FILE}, {out / PLOT_FILE}, {out / RESULTS_FILE}, "
+          f"{out / CONFIG_FILE}")
+    return 0
