@@ -38,7 +38,7 @@ from . import __version__
 from .fl.data import DATASETS, load_dataset, synthetic
 from .fl.model import ARCHS
 from .fl.runner import (ASSIGNMENTS, LOSSES, METHODS, OPTIMIZER_STATES, OPTIMIZERS, Config,
-                        FederatedRunner)
+                        FederatedRunner, popularity_metrics)
 from .fl.tiers import fraction_label, parse_tiers
 
 CONFIG_FILE = "config.json"
@@ -473,8 +473,9 @@ def _number(value) -> str:
     return "n/a" if value is None else f"{value:.4f}"
 
 
-def summary_table(runs: list, records: list, ks: tuple) -> str:
-    """Markdown table: one row per run, from its evaluation records."""
+def summary_table(runs: list, records: list, ks: tuple, popularity: Optional[dict] = None) -> str:
+    """Markdown table: one row per run, from its evaluation records, and a last row for the
+    item-popularity ranking (``popularity``: its metrics) when given."""
     names = [f"{m}@{k}" for k in ks for m in ("ndcg", "hr")]
     header = (["method", "tiers", "smallest tier", "rounds"]
               + [f"{n} {w}" for n in names for w in ("final", "best")]
@@ -495,6 +496,12 @@ def summary_table(runs: list, records: list, ks: tuple) -> str:
                 row += [_number(last["metrics"].get(name)), _number(max(seen, default=None))]
             row.append(f"{(last['bytes_down_total'] + last['bytes_up_total']) / 1e6:.2f}")
             row.append(run.unsupported or "")
+        lines.append("| " + " | ".join(_cell(c) for c in row) + " |")
+    if popularity is not None:
+        row = ["popularity (no training)", "", "", "0"]
+        for name in names:
+            row += [_number(popularity.get(name))] * 2
+        row += ["0.00", "items ranked by their number of training interactions"]
         lines.append("| " + " | ".join(_cell(c) for c in row) + " |")
     return "\n".join(lines)
 
@@ -619,7 +626,7 @@ def main(argv: Optional[list] = None) -> int:
     title = (f"fastfair {args.command} on {data.name}: {data.num_users:,} users, "
              f"{data.num_items:,} items, d={args.dim}, K={args.clients_per_round}, "
              f"E={args.local_epochs}")
-    table = summary_table(runs, records, ks)
+    table = summary_table(runs, records, ks, popularity_metrics(data, ks))
     _write_summary(out, title, table)
     write_plot(out / PLOT_FILE, runs, records, f"ndcg@{ks[0]}", title)
     print(table)

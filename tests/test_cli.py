@@ -100,7 +100,9 @@ def test_compare_reports_runs_that_cannot_train_as_na(tmp_path, capsys):
     table = capsys.readouterr().out
     rows = {tuple(c.strip() for c in line.split("|")[1:3]): line
             for line in table.splitlines() if line.startswith("| ") and "---" not in line}
-    assert len(rows) == 1 + 6  # header + every method x tier mix
+    assert len(rows) == 1 + 6 + 1  # header + every method x tier mix + popularity
+    assert "items ranked by their number of training interactions" in rows[
+        ("popularity (no training)", "")]
     assert ("n/a: method 'exclusion' cannot represent any tier of '2:1-2'"
             in rows[("exclusion", "2:1-2")])
     assert "tiers with capacity 1/8 sit out" in rows[("exclusion", "2:0-3")]

@@ -364,3 +364,17 @@ def test_scoring_every_item_matches_the_pairwise_score(arch):
     got = score_all_items(arch, ug, um if head else None, ig, im if head else None, head,
                           budget=3 * n * d)  # several user chunks
     torch.testing.assert_close(got, expect)
+
+
+def test_popularity_baseline_ranks_by_train_counts(data):
+    from fastfair.fl.runner import popularity_metrics
+    got = popularity_metrics(data, ks=(10,))
+    counts = torch.bincount(data.train_items, minlength=data.num_items)
+    hits = 0
+    for u in range(data.num_users):
+        t = int(data.test_items[u])
+        negs = set(data.test_negatives[u].tolist()) - {t}
+        # Pessimistic ties, as in every metric here: a tie ranks above the held-out item.
+        rank = sum(int(counts[j] >= counts[t]) for j in negs)
+        hits += rank < 10
+    assert got["hr@10"] == pytest.approx(hits / data.num_users)

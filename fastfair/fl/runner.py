@@ -600,6 +600,23 @@ def _view_name(spec) -> str:
     return f"{spec.width} columns"
 
 
+@torch.no_grad()
+def popularity_metrics(data: InteractionData, ks=(10,)) -> dict:
+    """The no-training baseline: every user gets the items ranked by their number of training
+    interactions, ``s(u, i) = #{v : i in train(v)}``, scored on the data's test protocol (the
+    same metrics as ``FederatedRunner.evaluate``). A federated model that ends below it has not
+    learned more than item popularity."""
+    counts = torch.bincount(data.train_items, minlength=data.num_items).float()
+    users = torch.arange(data.num_users)
+    ks = tuple(ks) if isinstance(ks, (tuple, list)) else (ks,)
+    if data.protocol == "loo":
+        return metrics.sampled_metrics(lambda u, items: counts[items], users, data.test_items,
+                                       data.test_negatives, ks=ks)
+    return metrics.full_ranking_metrics(
+        lambda u: counts.expand(u.numel(), -1), users, data.train_indptr, data.train_items,
+        data.test_indptr, data.test_items, data.num_items, ks=ks)
+
+
 def train(data: InteractionData, config: Config, on_eval=None) -> list:
     """Run every round, evaluating every ``eval_every`` rounds and after the last; returns the
     list of evaluation records (round stats + metrics) and passes each to ``on_eval``."""
