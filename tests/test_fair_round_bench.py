@@ -70,12 +70,13 @@ def test_stored_hashes_nest_across_sizes():
     assert torch.equal(small.sign, big.sign)
 
 
-def test_a_round_trains_the_clients_and_averages_their_expanded_uploads(data):
+@pytest.mark.parametrize("fused_adam", [False, True])
+def test_a_round_trains_the_clients_and_averages_their_expanded_uploads(data, fused_adam):
     cfg = Config(dim=D, tiers="2:0-1", local_epochs=1, lr=0.01)
     runner = FederatedRunner(data, cfg)
     sizes = bench.memory_sizes_of(runner)
     assert any(s is None for s in sizes) and any(s is not None for s in sizes)
-    ref = bench.ReferenceFair(data, cfg, sizes)
+    ref = bench.ReferenceFair(data, cfg, sizes, fused_adam)
     clients = [c for c in range(data.num_users) if sizes[c] is not None][:3] + \
               [c for c in range(data.num_users) if sizes[c] is None][:2]
     before = {k: v.clone() for k, v in ref.tables.items()}

@@ -1,5 +1,5 @@
-"""The numba backend: its two backward schemes (private copies, partitioned slots) must both
-match the reference, and its threading must coexist with torch's."""
+"""The numba backend: its backward schemes (private copies, partitioned slots, the serial scatter
+of small launches) must all match the reference, and its threading must coexist with torch's."""
 import pytest
 import torch
 
@@ -12,8 +12,8 @@ pytestmark = pytest.mark.skipif(
     not numba_backend.available(torch.device("cpu"))[0],
     reason=f"numba backend unavailable: {numba_backend.available(torch.device('cpu'))[1]}")
 
-# PRIVATE_BYTES that forces each scheme on small inputs.
-PATHS = {"private": 1 << 62, "partitioned": 0}
+# (PRIVATE_BYTES, PARALLEL_MIN_WORK) that force each scheme on small inputs.
+PATHS = {"private": (1 << 62, 0), "partitioned": (0, 0), "serial": (1 << 62, 1 << 62)}
 
 
 @pytest.mark.parametrize("path", PATHS)
@@ -21,7 +21,9 @@ PATHS = {"private": 1 << 62, "partitioned": 0}
 def test_every_bag_path_matches_the_reference(path, mode, with_psw, monkeypatch):
     if numba_backend.numba.get_num_threads() < 2:
         pytest.skip("numba runs one thread: both schemes reduce to the serial scatter")
-    monkeypatch.setattr(numba_backend, "PRIVATE_BYTES", PATHS[path])
+    private_bytes, min_work = PATHS[path]
+    monkeypatch.setattr(numba_backend, "PRIVATE_BYTES", private_bytes)
+    monkeypatch.setattr(numba_backend, "PARALLEL_MIN_WORK", min_work)
     gen = torch.Generator().manual_seed(7)
     # memory_size below the scattered work, so the private-copy scheme is eligible.
     spec = fastfair.HashSpec(3001, 19, memory_size=4 * 53, chunk_size=4, seed=11)

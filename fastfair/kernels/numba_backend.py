@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import os
 import threading
+import types
 
 import numba
 import numpy as np
@@ -39,15 +40,46 @@ NAME = "numba"
 # so every parallel launch holds ``_LAUNCH``.
 if "NUMBA_THREADING_LAYER" not in os.environ and numba.config.THREADING_LAYER == "default":
     numba.config.THREADING_LAYER_PRIORITY = ["tbb", "workqueue", "omp"]
+# The layer is fixed when numba first starts its threads, which ``numba.set_num_threads`` and
+# ``numba.get_num_threads`` do: a caller that sets numba's thread count before this module is
+# imported gets numba's default order (OpenMP first) instead.
 _LAUNCH = threading.Lock()
+
+# Launches over fewer elements than this run a serial build on the calling thread: waking the
+# pool costs more than they compute, and every training step makes four (two tables, forward and
+# backward; 1,024 rows x d = 8 = 8,192 elements on Goodreads). Measured on the 2-core VM,
+# 1 thread, workqueue layer, median per launch: at 8,192 elements forward 72 us serial vs 167 us
+# through the pool, backward kernel 97 us vs 166 us; at 16,384 elements 141 vs 239 us and
+# 188 vs 233 us; at 32,768 about even (backward 382 vs 368 us). The parallel build keeps larger
+# launches, even on one thread: parfor bodies are compiled with ``noalias``, which the serial
+# build cannot ask for, so its scatter is faster (at 65,536 elements backward 580 vs 705 us, best
+# of 300; at 2.9M, a download's projection, 25 vs 33 ms of CPU time).
+PARALLEL_MIN_WORK = 1 << 15
+
+
+def _serial(work: int) -> bool:
+    """Whether a launch over ``work`` elements takes the serial build."""
+    return work < PARALLEL_MIN_WORK
 
 
 def _parallel(fn):
-    """``njit(parallel=True, cache=True)`` with launches serialised by ``_LAUNCH``."""
+    """``fn`` compiled twice: ``njit(parallel=True, cache=True)``, whose launches are serialised
+    by ``_LAUNCH``, and a serial build (``prange`` runs as ``range``) that never touches the
+    thread pool. ``launch(serial, *args)`` runs the one ``serial`` asks for."""
     kernel = njit(parallel=True, cache=True)(fn)
+    # Numba's on-disk cache names entries by module, qualname and line and keys them by
+    # signature and bytecode, not by compile options: under the same name the serial build would
+    # load the parallel one's cached code (or the reverse), so it gets a name of its own. Parfor
+    # bodies use numpy's error model (no zero-division checks); the serial build does too.
+    twin = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__, fn.__defaults__,
+                              fn.__closure__)
+    twin.__qualname__ = f"{fn.__qualname__}_serial"
+    serial_build = njit(cache=True, error_model="numpy")(twin)
 
     @functools.wraps(fn)
-    def launch(*args):
+    def launch(serial, *args):
+        if serial:
+            return serial_build(*args)
         with _LAUNCH:
             return kernel(*args)
 
@@ -267,8 +299,8 @@ def hash_index(rows, dim, memory_size, chunk_size, seed, signed):
     r = rows.detach().numpy()
     idx = np.empty((r.shape[0], dim), dtype=np.int64)
     sign = (np.empty if signed else np.ones)((r.shape[0], dim), dtype=np.int8)
-    _hash_index(r, dim, chunk_size, *_slots(memory_size, chunk_size), ka, ks, bool(signed), idx,
-                sign)
+    _hash_index(_serial(r.shape[0] * dim), r, dim, chunk_size, *_slots(memory_size, chunk_size),
+                ka, ks, bool(signed), idx, sign)
     return torch.from_numpy(idx), torch.from_numpy(sign)
 
 
@@ -322,8 +354,8 @@ def bag_forward(weight, indices, offsets, per_sample_weights, dim, chunk_size, s
     ind = indices.detach().numpy()
     off = _as_offsets(offsets, ind.shape[0])
     out = np.zeros((off.shape[0] - 1, dim), dtype=w.dtype)
-    _bag_forward(w, ind, off, _psw(per_sample_weights), dim, chunk_size,
-                 *_slots(w.shape[0], chunk_size), ka, ks, _signs(w.dtype), bool(signed),
+    _bag_forward(_serial(int(off[-1]) * dim), w, ind, off, _psw(per_sample_weights), dim,
+                 chunk_size, *_slots(w.shape[0], chunk_size), ka, ks, _signs(w.dtype), bool(signed),
                  mode == 1, padding_idx, out)
     return torch.from_numpy(out)
 
@@ -428,7 +460,10 @@ def bag_backward(grad_out, indices, offsets, per_sample_weights, memory_size, di
     threads on the client case, n * dim = 2.6M: private 1.5 ms vs partitioned 3.5 ms at
     m = 400k, even at m = 2.6M, partitioned 25% faster at m = 4M); past that the array is large
     and sparsely hit and the partitioned pass wins (with one thread it is the plain serial
-    scatter). Both are deterministic for a given thread count.
+    scatter). Below ``PARALLEL_MIN_WORK`` elements (a training step's batch) the serial scatter
+    runs whatever the thread count. Each slot receives its terms in element order there, as in
+    the partitioned pass, so the two give the same bits; the private copies' sum depends on the
+    thread count. Every choice is deterministic for a given thread count.
     """
     ka, ks = hashing.keys(seed)
     g = grad_out.detach().numpy()
@@ -438,8 +473,9 @@ def bag_backward(grad_out, indices, offsets, per_sample_weights, memory_size, di
     args = (dim, chunk_size, *_slots(memory_size, chunk_size), ka, ks, _signs(g.dtype),
             bool(signed), mode == 1, padding_idx)
     grad_w = np.zeros(memory_size, dtype=g.dtype)
-    nthreads = numba.get_num_threads()
     work = int(off[-1]) * dim
+    serial = _serial(work)
+    nthreads = 1 if serial else numba.get_num_threads()
     private = (nthreads > 1 and memory_size <= work
                and (nthreads - 1) * memory_size * g.itemsize <= PRIVATE_BYTES)
     if private:
@@ -448,9 +484,9 @@ def bag_backward(grad_out, indices, offsets, per_sample_weights, memory_size, di
         bounds = np.searchsorted(off, targets).astype(np.int64)
         bounds[0], bounds[-1] = 0, off.shape[0] - 1
         extra = _workspace(nthreads - 1, memory_size, g.dtype)
-        _bag_backward_private(g, ind, off, psw, bounds, *args, grad_w, extra)
+        _bag_backward_private(serial, g, ind, off, psw, bounds, *args, grad_w, extra)
     else:
-        _bag_backward_partitioned(g, ind, off, psw, nthreads, *args, grad_w)
+        _bag_backward_partitioned(serial, g, ind, off, psw, nthreads, *args, grad_w)
     return torch.from_numpy(grad_w)
 
 
@@ -523,19 +559,21 @@ def slot_counts(num_embeddings, dim, memory_size, chunk_size, seed, device):
     nslots = memory_size // z
     nfull, rem = divmod(dim, z)
     partial = rem > 0
-    nthreads = numba.get_num_threads()
+    serial = _serial(num_embeddings * dim)
+    nthreads = 1 if serial else numba.get_num_threads()
     cnt = np.empty(memory_size, dtype=np.int64)
     copies = nthreads * (2 if partial else 1)
     if nthreads > 1 and copies * nslots * 8 <= PRIVATE_BYTES:
         full = np.zeros((nthreads, nslots), dtype=np.int64)
         last = np.zeros((nthreads, nslots if partial else 0), dtype=np.int64)
-        _count_private(num_embeddings, nfull, partial, *_slots(memory_size, z), ka, full, last)
+        _count_private(serial, num_embeddings, nfull, partial, *_slots(memory_size, z), ka,
+                       full, last)
     else:
         full = np.zeros((1, nslots), dtype=np.int64)
         last = np.zeros((1, nslots if partial else 0), dtype=np.int64)
-        _count_partitioned(num_embeddings, nfull, partial, *_slots(memory_size, z), ka, nthreads,
-                           full, last)
-    _expand_counts(full, last, z, rem, cnt)
+        _count_partitioned(serial, num_embeddings, nfull, partial, *_slots(memory_size, z), ka,
+                           nthreads, full, last)
+    _expand_counts(_serial(memory_size), full, last, z, rem, cnt)
     return torch.from_numpy(cnt).to(device)
 
 
@@ -571,7 +609,7 @@ def fold(weight, factor, counts):
     """Count-weighted collapse ``w'[j] = sum_t c[j+tm'] w[j+tm'] / sum_t c[j+tm']`` (0 if empty)."""
     w = weight.detach().numpy()
     out = np.empty(w.shape[0] // factor, dtype=w.dtype)
-    _fold(w, factor, counts.detach().numpy(), out)
+    _fold(_serial(w.shape[0]), w, factor, counts.detach().numpy(), out)
     return torch.from_numpy(out)
 
 
@@ -592,7 +630,7 @@ def tile(weight, factor):
     w = weight.detach().numpy()
     out = np.empty(w.shape[0] * factor, dtype=w.dtype)
     if w.shape[0] > 0:
-        _tile(w, out)
+        _tile(_serial(out.shape[0]), w, out)
     return torch.from_numpy(out)
 
 
@@ -638,5 +676,5 @@ def aggregate(arrays, weights, target_size):
     np.cumsum(sizes[:-1], out=starts[1:])
     p = np.array([float(x) for x in weights], dtype=np.float64)
     out = np.empty(target_size, dtype=flat.dtype)
-    _aggregate(flat, starts, sizes, p, out)
+    _aggregate(_serial(target_size * len(arrays)), flat, starts, sizes, p, out)
     return torch.from_numpy(out)
