@@ -288,7 +288,7 @@ def _memory_child(payload_path: str, impl: str) -> None:
     _set_threads(p["threads"])
     cfg = Config(**{**ROUND, "local_epochs": MEMORY_EPOCHS})
     gen = torch.Generator().manual_seed(0)
-    fused = REFERENCES[impl][0] if impl in REFERENCES else True
+    fused = REFERENCES[impl][0] if impl in REFERENCES else True  # fastfair: as its runner
     # Kernels compile and allocators initialise on a tiny table, outside the measured region.
     tiny = _build_client(impl, {**p, "arrays": {k: v[:500] for k, v in p["arrays"].items()}},
                          1000, 500)

@@ -20,7 +20,7 @@ PATHS = {"private": (1 << 62, 0), "partitioned": (0, 0), "serial": (1 << 62, 1 <
 @pytest.mark.parametrize("mode,with_psw", [("sum", True), ("mean", False)])
 def test_every_bag_path_matches_the_reference(path, mode, with_psw, monkeypatch):
     if numba_backend.numba.get_num_threads() < 2:
-        pytest.skip("numba runs one thread: both schemes reduce to the serial scatter")
+        pytest.skip("numba runs one thread: every scheme reduces to the serial scatter")
     private_bytes, min_work = PATHS[path]
     monkeypatch.setattr(numba_backend, "PRIVATE_BYTES", private_bytes)
     monkeypatch.setattr(numba_backend, "PARALLEL_MIN_WORK", min_work)
