@@ -162,10 +162,23 @@ def _check_mode(mode) -> int:
     return ops.MODES[mode]
 
 
+def _flag(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
+    return value
+
+
 def embedding(input: Tensor, weight: Tensor, spec: HashSpec, padding_idx: Optional[int] = None,
-              backend: str = "auto", validate: bool = True) -> Tensor:
+              backend: str = "auto", validate: bool = True, sparse: bool = False,
+              scale_grad_by_freq: bool = False) -> Tensor:
     """``out[..., k] = g(i, k) w[idx(i, k)]`` for every index ``i`` of ``input``: shape
-    ``[*input.shape, embedding_dim]``; rows equal to ``padding_idx`` give zeros (and no gradient)."""
+    ``[*input.shape, embedding_dim]``; rows equal to ``padding_idx`` give zeros (and no gradient).
+
+    ``sparse=True``: the weight's gradient is an uncoalesced sparse COO ``[memory_size]`` tensor
+    with an entry per (non-padding element, column). ``scale_grad_by_freq=True``: element ``j``'s
+    contribution to the weight's gradient is divided by the number of times ``input[j]`` occurs
+    in ``input``.
+    """
     spec = _check_spec(spec)
     weight = _check_weight(weight, spec)
     input = _check_indices(input, weight.device)
@@ -173,14 +186,17 @@ def embedding(input: Tensor, weight: Tensor, spec: HashSpec, padding_idx: Option
     out = ops.embedding_bag_op(weight, flat, None, None, spec.num_embeddings, spec.embedding_dim,
                                spec.chunk_size, spec.seed, spec.signed, 0,
                                _padding(padding_idx, spec.num_embeddings),
-                               backends.check_name(backend), bool(validate))
+                               backends.check_name(backend), bool(validate),
+                               _flag("sparse", sparse),
+                               _flag("scale_grad_by_freq", scale_grad_by_freq))
     return out.view(*input.shape, spec.embedding_dim)
 
 
 def embedding_bag(input: Tensor, weight: Tensor, spec: HashSpec, offsets: Optional[Tensor] = None,
                   mode: str = "mean", per_sample_weights: Optional[Tensor] = None,
                   include_last_offset: bool = False, padding_idx: Optional[int] = None,
-                  backend: str = "auto", validate: bool = True) -> Tensor:
+                  backend: str = "auto", validate: bool = True, sparse: bool = False,
+                  scale_grad_by_freq: bool = False) -> Tensor:
     """``torch.nn.functional.embedding_bag`` over the virtual table of ``(weight, spec)``.
 
     ``out[b, k] = sum_{j in bag b, input[j] != padding_idx} a_j g(i_j, k) w[idx(i_j, k)]``,
@@ -188,6 +204,12 @@ def embedding_bag(input: Tensor, weight: Tensor, spec: HashSpec, offsets: Option
     non-padding entries. 1-D ``input`` needs ``offsets`` (bag starts, or bag boundaries with
     ``include_last_offset``); 2-D ``input`` is ``B`` bags of equal length and takes no offsets.
     Empty bags give zeros.
+
+    ``sparse=True``: the weight's gradient is an uncoalesced sparse COO ``[memory_size]`` tensor
+    with an entry per (bagged non-padding element, column), for ``torch.optim.SGD`` /
+    ``SparseAdam``. ``scale_grad_by_freq=True``: element ``j``'s contribution to the weight's
+    gradient is divided by the number of bagged elements with index ``input[j]`` (torch's
+    documented rule; its own CPU kernel miscounts in 2.13, pytorch/pytorch#190063).
     """
     spec = _check_spec(spec)
     weight = _check_weight(weight, spec)
@@ -227,7 +249,9 @@ def embedding_bag(input: Tensor, weight: Tensor, spec: HashSpec, offsets: Option
                                 spec.num_embeddings, spec.embedding_dim, spec.chunk_size,
                                 spec.seed, spec.signed, mode_id,
                                 _padding(padding_idx, spec.num_embeddings),
-                                backends.check_name(backend), bool(validate))
+                                backends.check_name(backend), bool(validate),
+                                _flag("sparse", sparse),
+                                _flag("scale_grad_by_freq", scale_grad_by_freq))
 
 
 def hash_index(rows: Tensor, spec: HashSpec, backend: str = "auto") -> tuple[Tensor, Tensor]:

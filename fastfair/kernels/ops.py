@@ -7,6 +7,12 @@ eagerly even inside a ``torch.compile`` graph, so the checks cost no graph break
 one host synchronisation; ``validate=False`` skips them.
 
 Modes are ints in the schema: 0 = sum, 1 = mean. ``padding_idx`` is -1 for none.
+
+``embedding_bag``'s last two arguments only change its backward: ``sparse`` returns the weight's
+gradient as an uncoalesced sparse COO tensor built by ``embedding_bag_sparse_backward`` (one
+entry per element and column of the batch, as ``torch.nn.EmbeddingBag(sparse=True)`` does for its
+rows), and ``scale_grad_by_freq`` divides each element's contribution to the weight's gradient by
+the number of times its index occurs among the batch's bagged elements.
 """
 from __future__ import annotations
 
@@ -16,7 +22,7 @@ import torch
 from torch import Tensor
 
 from . import backends
-from .reference import bag_of_element
+from .reference import _element_scale, bag_of_element
 
 MODES = {"sum": 0, "mean": 1}
 
@@ -51,7 +57,8 @@ def _check_offsets(offsets: Tensor, n: int) -> None:
 def embedding_bag_op(weight: Tensor, indices: Tensor, offsets: Optional[Tensor],
                      per_sample_weights: Optional[Tensor], num_embeddings: int, dim: int,
                      chunk_size: int, seed: int, signed: bool, mode: int, padding_idx: int,
-                     backend: str, validate: bool) -> Tensor:
+                     backend: str, validate: bool, sparse: bool = False,
+                     scale_grad_by_freq: bool = False) -> Tensor:
     """``out[b] = reduce_{j in bag b} a_j v(indices[j])``; ``offsets=None`` means one index per bag."""
     if validate:
         _check_indices(indices, num_embeddings)
@@ -64,7 +71,7 @@ def embedding_bag_op(weight: Tensor, indices: Tensor, offsets: Optional[Tensor],
 
 @embedding_bag_op.register_fake
 def _(weight, indices, offsets, per_sample_weights, num_embeddings, dim, chunk_size, seed, signed,
-      mode, padding_idx, backend, validate):
+      mode, padding_idx, backend, validate, sparse=False, scale_grad_by_freq=False):
     rows = indices.shape[0] if offsets is None else offsets.shape[0] - 1
     return weight.new_empty(rows, dim)
 
@@ -97,6 +104,7 @@ def _hash_config(inputs) -> tuple:
 def _bag_setup(ctx, inputs, output):
     ctx.save_for_backward(*inputs[:4])
     ctx.cfg = _hash_config(inputs)
+    ctx.sparse, ctx.scale_grad_by_freq = inputs[13:15]
 
 
 def _grad_psw(table, indices, offsets, psw, per_bag, cfg):
@@ -111,15 +119,49 @@ def _grad_psw(table, indices, offsets, psw, per_bag, cfg):
     return out
 
 
+def _inverse_frequency(indices: Tensor, offsets: Optional[Tensor], dtype) -> Tensor:
+    """``1 / #{l bagged : indices[l] = indices[j]}`` for every bagged element ``j`` (elements
+    past the last offset, which no bag holds, get an unused value).
+
+    Counted with a sort and two binary searches rather than ``unique``, so every shape is known
+    before the data: a compiled backward needs no dynamic shapes."""
+    key = indices.to(torch.int64)
+    if offsets is not None:
+        position = torch.arange(key.numel(), device=key.device)
+        key = torch.where(position < offsets[-1], key, torch.full_like(key, -1))
+    ordered = torch.sort(key).values
+    count = torch.searchsorted(ordered, key, right=True) - torch.searchsorted(ordered, key)
+    return 1.0 / count.to(dtype)
+
+
 def _bag_backward(ctx, grad):
     weight, indices, offsets, psw = ctx.saved_tensors
     grad, cfg = grad.contiguous(), ctx.cfg
     grad_w = grad_psw = None
     if ctx.needs_input_grad[0]:
-        grad_w = embedding_bag_backward_op(grad, indices, offsets, psw, weight.numel(), *cfg)
+        # Scaling by frequency multiplies each element's a_j, so both weight-gradient ops
+        # apply it through their per-sample-weight argument; the a_j gradient is not scaled
+        # (torch does not scale it either).
+        scaled = psw
+        if ctx.scale_grad_by_freq:
+            scaled = _inverse_frequency(indices, offsets, grad.dtype)
+            if psw is not None:
+                scaled = scaled * psw
+        if ctx.sparse:
+            if torch.is_grad_enabled() and grad.requires_grad:
+                raise RuntimeError("embedding bags with sparse=True have no double backward "
+                                   "(torch's sparse embedding gradients have none either); use "
+                                   "sparse=False to differentiate the gradient again")
+            slots, values = embedding_bag_sparse_backward_op(grad, indices, offsets, scaled,
+                                                             weight.numel(), *cfg)
+            grad_w = torch.sparse_coo_tensor(slots[None], values, weight.shape,
+                                             is_coalesced=False, check_invariants=False)
+        else:
+            grad_w = embedding_bag_backward_op(grad, indices, offsets, scaled, weight.numel(),
+                                               *cfg)
     if ctx.needs_input_grad[3]:
         grad_psw = _grad_psw(weight, indices, offsets, psw, grad, cfg)
-    return grad_w, None, None, grad_psw, *([None] * 9)
+    return grad_w, None, None, grad_psw, *([None] * 11)
 
 
 embedding_bag_op.register_autograd(_bag_backward, setup_context=_bag_setup)
@@ -145,6 +187,43 @@ def _bag_bwd_backward(ctx, grad):
 
 
 embedding_bag_backward_op.register_autograd(_bag_bwd_backward, setup_context=_bag_bwd_setup)
+
+
+@torch.library.custom_op("fastfair::embedding_bag_sparse_backward", mutates_args=())
+def embedding_bag_sparse_backward_op(grad_out: Tensor, indices: Tensor, offsets: Optional[Tensor],
+                                     per_sample_weights: Optional[Tensor], memory_size: int,
+                                     dim: int, chunk_size: int, seed: int, signed: bool, mode: int,
+                                     padding_idx: int, backend: str) -> tuple[Tensor, Tensor]:
+    """``embedding_bag_backward`` as uncoalesced COO entries ``(slots, values)``, both 1-D of
+    length ``N * dim`` for the ``N`` bagged elements whose index is not ``padding_idx``:
+
+        slots[(j, k)] = idx(i_j, k),   values[(j, k)] = g(i_j, k) a_j grad_out[bag(j), k]
+
+    (``a_j`` includes mean's ``1 / count``), so ``index_add`` of ``values`` at ``slots`` is the
+    dense gradient. Padding and unbagged elements are left out, as torch leaves the padding row
+    out of its sparse gradient: an optimiser that updates only the entries present (SparseAdam)
+    then leaves their slots alone. Costs ``N * dim`` int64 addresses and values, not
+    ``memory_size``: the addresses come from the backend's ``hash_index``.
+    """
+    scale, seg, used = _element_scale(indices, offsets, per_sample_weights, mode, padding_idx,
+                                      grad_out.dtype)
+    rows = indices[:used]
+    g = grad_out if seg is None else grad_out[seg]
+    if padding_idx >= 0:
+        keep = rows != padding_idx
+        rows, scale, g = rows[keep], scale[keep], g[keep]
+    be = backends.resolve(backend, grad_out.device)
+    slots, sign = be.hash_index(rows.contiguous(), dim, memory_size, chunk_size, seed, signed)
+    values = g * (sign.to(g.dtype) * scale[:, None])
+    return slots.reshape(-1), values.reshape(-1)
+
+
+@embedding_bag_sparse_backward_op.register_fake
+def _(grad_out, indices, offsets, per_sample_weights, memory_size, dim, chunk_size, seed, signed,
+      mode, padding_idx, backend):
+    # How many elements survive the padding filter is only known from the data.
+    n = torch.library.get_ctx().new_dynamic_size() * dim
+    return indices.new_empty(n, dtype=torch.int64), grad_out.new_empty(n)
 
 
 # ---------------------------------------------------------------- hashing and slot counts

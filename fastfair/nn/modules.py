@@ -7,6 +7,24 @@ The module holds a 1-D array ``weight`` of ``memory_size`` parameters and repres
 Sizing: give exactly one of ``compression`` (fraction of ``num_embeddings * embedding_dim``; the
 size is ``fastfair.nested_size(compression * n * d, chunk_size)``: within 0.4% of the request and
 collapsible by large powers of two) or ``memory_size`` (used as is; a multiple of ``chunk_size``).
+
+Every constructor argument of the torch counterpart is accepted (by keyword) and either works as
+in torch or raises saying why:
+
+* ``sparse=True``: ``weight.grad`` is an uncoalesced sparse COO ``[memory_size]`` tensor with
+  one entry per (non-padding element, column) of the batch, for ``torch.optim.SGD`` and
+  ``torch.optim.SparseAdam`` (which then updates only the slots the batch touched).
+* ``scale_grad_by_freq=True``: each element's contribution to the weight's gradient is divided
+  by how often its index occurs in the batch (in bags), as torch documents; also with
+  ``sparse=True``, which torch refuses.
+* ``_weight``: a 1-D ``[memory_size]`` tensor becomes ``weight`` itself (as torch wraps the
+  tensor it is given), or a dense ``[num_embeddings, embedding_dim]`` table is replaced by its
+  least-squares fit (``fastfair.project_dense``). ``weight`` takes ``_weight``'s dtype and
+  device; a ``dtype=``/``device=`` that disagrees raises. ``_freeze`` (``HashedEmbedding``) as in
+  torch.
+* ``max_norm`` raises: torch renormalises each looked-up row in place, but a hashed row shares
+  its slots with other rows (and may hit one slot twice), so rescaling it would change rows that
+  were never looked up. ``norm_type`` only matters with ``max_norm`` (as in torch).
 """
 from __future__ import annotations
 
@@ -22,10 +40,23 @@ from ..kernels.hashing import HASH_VERSION
 _SPEC_FIELDS = ("num_embeddings", "embedding_dim", "memory_size", "chunk_size", "seed", "signed")
 
 
+def _check_max_norm(max_norm, norm_type) -> float:
+    if isinstance(norm_type, bool) or not isinstance(norm_type, (int, float)):
+        raise TypeError(f"norm_type must be a number, got {norm_type!r}")
+    if max_norm is not None:
+        raise ValueError(
+            f"max_norm={max_norm!r} is not supported by hashed embeddings: torch renormalises "
+            "each looked-up row in place, but a hashed row shares its slots with other rows, so "
+            "rescaling it would change rows that were never looked up; leave max_norm=None")
+    return float(norm_type)
+
+
 class _Hashed(nn.Module):
     def __init__(self, num_embeddings: int, embedding_dim: int, *, compression=None,
                  memory_size=None, chunk_size: int = 1, signed: bool = True, seed: int = 0,
-                 padding_idx: Optional[int] = None, backend: str = "auto", validate: bool = True,
+                 padding_idx: Optional[int] = None, max_norm: Optional[float] = None,
+                 norm_type: float = 2.0, scale_grad_by_freq: bool = False, sparse: bool = False,
+                 _weight: Optional[Tensor] = None, backend: str = "auto", validate: bool = True,
                  dtype=None, device=None):
         super().__init__()
         if (compression is None) == (memory_size is None):
@@ -39,13 +70,40 @@ class _Hashed(nn.Module):
         self._set_spec(spec)
         self.padding_idx = None if padding_idx is None else F._padding(padding_idx,
                                                                        spec.num_embeddings)
+        self.max_norm = None
+        self.norm_type = _check_max_norm(max_norm, norm_type)
+        self.scale_grad_by_freq = F._flag("scale_grad_by_freq", scale_grad_by_freq)
+        self.sparse = F._flag("sparse", sparse)
         self.backend = backends.check_name(backend)
         self.validate = bool(validate)
-        dtype = torch.get_default_dtype() if dtype is None else dtype
-        if dtype not in F.FLOAT_DTYPES:
-            raise TypeError(f"dtype must be float32 or float64, got {dtype}")
-        self.weight = nn.Parameter(torch.empty(spec.memory_size, dtype=dtype, device=device))
-        self.reset_parameters()
+        if _weight is None:
+            dtype = torch.get_default_dtype() if dtype is None else dtype
+            if dtype not in F.FLOAT_DTYPES:
+                raise TypeError(f"dtype must be float32 or float64, got {dtype}")
+            self.weight = nn.Parameter(torch.empty(spec.memory_size, dtype=dtype, device=device))
+            self.reset_parameters()
+        else:
+            self.weight = nn.Parameter(self._initial_array(_weight, dtype, device))
+
+    def _initial_array(self, given, dtype, device) -> Tensor:
+        """``_weight`` as the array: itself if 1-D, its least-squares fit if a dense table."""
+        if not isinstance(given, Tensor):
+            raise TypeError(f"_weight must be a Tensor, got {type(given).__name__}")
+        if given.dtype not in F.FLOAT_DTYPES:
+            raise TypeError(f"_weight must be float32 or float64, got {given.dtype}")
+        if dtype is not None and dtype != given.dtype:
+            raise ValueError(f"dtype={dtype} disagrees with _weight's dtype {given.dtype}; the "
+                             "weight takes _weight's dtype (leave dtype=None or convert _weight)")
+        if device is not None and torch.device(device) != given.device:
+            raise ValueError(f"device={device} disagrees with _weight's device {given.device}; "
+                             "the weight takes _weight's device")
+        dense = (self.num_embeddings, self.embedding_dim)
+        if given.dim() == 1 and given.shape[0] == self.memory_size:
+            return given
+        if tuple(given.shape) == dense:
+            return F.project_dense(given.detach(), self.spec, backend=self.backend)
+        raise ValueError(f"_weight must be the 1-D array [memory_size={self.memory_size}] or a "
+                         f"dense table {list(dense)} to fit, got shape {list(given.shape)}")
 
     def _set_spec(self, spec: F.HashSpec) -> None:
         self.spec = spec
@@ -126,6 +184,10 @@ class _Hashed(nn.Module):
             s += ", signed=False"
         if self.padding_idx is not None:
             s += f", padding_idx={self.padding_idx}"
+        if self.scale_grad_by_freq:
+            s += ", scale_grad_by_freq=True"
+        if self.sparse:
+            s += ", sparse=True"
         if self.backend != "auto":
             s += f", backend={self.backend!r}"
         return s
@@ -136,11 +198,17 @@ class HashedEmbedding(_Hashed):
 
     ``forward(input)``: ``input`` int64 or int32 of any shape -> ``[*input.shape, embedding_dim]``,
     ``out[..., k] = g(i, k) weight[idx(i, k)]``; ``padding_idx`` rows are zeros with no gradient.
+    ``_freeze=True`` (as in torch) makes ``weight`` not require a gradient.
     """
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, *, _freeze: bool = False,
+                 **kwargs):
+        super().__init__(num_embeddings, embedding_dim, **kwargs)
+        self.weight.requires_grad_(not F._flag("_freeze", _freeze))
 
     def forward(self, input: Tensor) -> Tensor:
         return F.embedding(input, self.weight, self.spec, self.padding_idx, self.backend,
-                           self.validate)
+                           self.validate, self.sparse, self.scale_grad_by_freq)
 
     def extra_repr(self) -> str:
         return self._extra_repr_common()
@@ -165,7 +233,7 @@ class HashedEmbeddingBag(_Hashed):
                 per_sample_weights: Optional[Tensor] = None) -> Tensor:
         return F.embedding_bag(input, self.weight, self.spec, offsets, self.mode,
                                per_sample_weights, self.include_last_offset, self.padding_idx,
-                               self.backend, self.validate)
+                               self.backend, self.validate, self.sparse, self.scale_grad_by_freq)
 
     def extra_repr(self) -> str:
         s = self._extra_repr_common() + f", mode={self.mode!r}"
