@@ -11,7 +11,7 @@ $(VENV)/.ready: setup.py pyproject.toml CMakeLists.txt
 	test -x $(VPY) || $(PY) -m venv $(VENV)
 	$(VPY) -m pip install -q --upgrade pip
 	$(VPY) -c "import torch" 2>/dev/null || $(VPY) -m pip install -q $(TORCH)
-	$(VPY) -m pip install -q setuptools wheel pybind11 numpy numba triton pytest pytest-benchmark
+	$(VPY) -m pip install -q setuptools wheel pybind11 numpy scipy numba triton pytest pytest-benchmark
 	$(VPY) -m pip install -q --no-build-isolation -e ".[test]"
 	$(VPY) -m fastfair.info
 	touch $@
@@ -31,7 +31,7 @@ demo: setup
 
 # The CPU microbenchmark of the embedding ops and its table.
 bench: setup
-	$(VPY) -m pytest benchmarks -q --benchmark-columns=median,iqr,rounds \
+	$(VPY) -m pytest benchmarks/test_cpu_embedding_bag.py -q --benchmark-columns=median,iqr,rounds \
 		--benchmark-json=benchmarks/results/cpu_embedding_bag.json
 	$(VPY) benchmarks/report.py benchmarks/results/cpu_embedding_bag.json
 

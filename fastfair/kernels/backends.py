@@ -54,6 +54,11 @@ def load(name: str) -> ModuleType | str:
     return _loaded[name]
 
 
+def auto_order(device: torch.device) -> tuple:
+    """The backends ``auto`` tries on ``device``, in order."""
+    return _AUTO.get(device.type, ("reference",))
+
+
 def why_not(name: str, device: torch.device) -> str:
     """Empty string if backend ``name`` can run on ``device``, else the reason it cannot."""
     mod = load(name)
@@ -78,7 +83,7 @@ def resolve(name: str, device: torch.device) -> ModuleType:
         name = forced
     device = torch.device(device)
     if name == "auto":
-        for cand in _AUTO.get(device.type, ("reference",)):
+        for cand in auto_order(device):
             if not why_not(cand, device):
                 return load(cand)
         return load("reference")

@@ -122,3 +122,123 @@ def aggregate(arrays, weights, target_size):
     for a, p in zip(arrays, weights):
         out += p * a.repeat(target_size // a.numel())
     return out
+
+
+# ----------------------------------------------------------------------------------------------
+# k-means and action sharing (``fastfair.kernels.kmeans``). Inputs arrive validated and
+# contiguous: ``x`` [N, d] and ``centroids`` [K, d] float32/float64 of one dtype, labels and rows
+# int64 in range.
+
+# Distance entries (rows x centroids) materialised at once by ``kmeans_assign``.
+ASSIGN_BLOCK = 1 << 22
+
+
+def kmeans_layout(x):
+    """The form of ``x`` that ``kmeans_assign`` reads fastest: ``x`` itself here (``None``)."""
+    return None
+
+
+def kmeans_assign(x, centroids, layout=None):
+    """``labels[i] = argmin_k (||c_k||^2 - 2 <x_i, c_k>)`` (ties: smallest ``k``) and
+    ``dist2[i] = ||x_i - c_{labels[i]}||^2``.
+
+    The argmin drops ``||x_i||^2``, constant in ``k``. ``dist2`` is not read off that expansion:
+    it is summed from the differences, so it is never negative and is exactly 0 where a row equals
+    its centroid.
+    """
+    n, k = x.shape[0], centroids.shape[0]
+    labels = torch.empty(n, dtype=torch.int64, device=x.device)
+    cn = (centroids * centroids).sum(1)
+    step = max(1, ASSIGN_BLOCK // max(k, 1))
+    for i in range(0, n, step):
+        g = x[i:i + step] @ centroids.T
+        labels[i:i + step] = torch.argmin(cn - (g + g), dim=1)
+    return labels, kmeans_dist2(x, centroids, labels)
+
+
+def kmeans_dist2(x, centroids, labels):
+    """``||x_i - c_{labels[i]}||^2`` from the differences (in the dtype)."""
+    diff = x - centroids[labels]
+    return (diff * diff).sum(1)
+
+
+def kmeans_centroid_sums(x, labels, k):
+    """``sums[c] = sum_{i : labels[i] = c} x_i`` (accumulated in float64, rounded to the dtype)
+    and ``counts[c] = #{i : labels[i] = c}`` (int64)."""
+    sums = torch.zeros(k, x.shape[1], dtype=torch.float64, device=x.device)
+    sums.index_add_(0, labels, x.to(torch.float64))
+    return sums.to(x.dtype), torch.bincount(labels, minlength=k)
+
+
+def kmeans_pack(values, bits):
+    """Little-endian bit stream: bit ``t`` of ``values[j]`` is bit ``(j bits + t) mod 8`` of byte
+    ``(j bits + t) // 8``; ``ceil(m bits / 8)`` bytes, the unused high bits of the last one 0."""
+    m = values.numel()
+    nbytes = (m * bits + 7) // 8
+    shifts = torch.arange(bits, device=values.device)
+    stream = ((values[:, None] >> shifts) & 1).to(torch.uint8).reshape(-1)
+    stream = torch.cat([stream, stream.new_zeros(nbytes * 8 - stream.numel())])
+    weights = torch.tensor([1 << b for b in range(8)], dtype=torch.uint8, device=values.device)
+    return (stream.view(nbytes, 8) * weights).sum(1, dtype=torch.uint8)
+
+
+def kmeans_unpack(packed, bits, m):
+    """The inverse of ``kmeans_pack``: ``m`` values of ``bits`` bits (int64)."""
+    shifts = torch.arange(8, device=packed.device)
+    stream = ((packed.to(torch.int64)[:, None] >> shifts) & 1).reshape(-1)[:m * bits]
+    weights = torch.ones(bits, dtype=torch.int64, device=packed.device) << torch.arange(
+        bits, device=packed.device)
+    return (stream.view(m, bits) * weights).sum(1)
+
+
+def kmeans_rebuild_add_(out, rows, centroids, labels, scales, weight):
+    """``out[rows[j]] += (w s_j) c_{labels[j]}`` with ``w`` rounded to ``out``'s dtype and
+    ``w s_j`` rounded to it too (``s_j = 1`` without scales, so the term is ``w c``); ``rows``
+    hold no repeats, so every row gets exactly one rounded addition."""
+    coef = torch.full((rows.numel(),), weight, dtype=out.dtype, device=out.device)
+    if scales is not None:
+        coef = coef * scales
+    return out.index_add_(0, rows, centroids[labels] * coef[:, None])
+
+
+def kmeans_seed(x, first, uniforms, plusplus):
+    """The k-means init (``kmeans.kmeans`` documents the draw), with the random numbers given:
+    ``first`` is the first center's row, ``uniforms`` (float64, ``K - 1`` values in ``[0, 1)``)
+    pick the others. Returns the chosen rows (int64, at most ``K``), each row's nearest chosen
+    center (the earliest on ties) and its squared distance ``D_i^2`` (float64; squares summed in
+    the dtype)."""
+    return seed_loop(x, first, uniforms, plusplus, _nearest_)
+
+
+def _nearest_(x, center, d2, labels, j):
+    """``d2[i], labels[i] = ||x_i - center||^2, j`` where that is smaller than ``d2[i]``."""
+    diff = x - center
+    dist = (diff * diff).sum(1).to(torch.float64)
+    closer = dist < d2
+    d2[closer] = dist[closer]
+    labels[closer] = j
+
+
+def seed_loop(x, first, uniforms, plusplus, nearest_):
+    """``kmeans_seed`` over a backend's ``nearest_`` step: after center ``j``, the next is the
+    first row whose running sum of weights ``w_i`` exceeds ``u_j sum_i w_i``, ``w_i = D_i^2``
+    (k-means++) or ``[D_i > 0]`` (random); the last row with ``w_i > 0`` if rounding leaves none.
+    It stops early when every ``w_i`` is 0 (every row coincides with a center)."""
+    n = x.shape[0]
+    d2 = torch.full((n,), float("inf"), dtype=torch.float64, device=x.device)
+    labels = torch.zeros(n, dtype=torch.int64, device=x.device)
+    chosen = [first]
+    u = uniforms.tolist()
+    for step in range(len(u) + 1):
+        nearest_(x, x[chosen[-1]], d2, labels, step)
+        if step == len(u):
+            break
+        w = d2 if plusplus else (d2 > 0).to(torch.float64)
+        cum = torch.cumsum(w, 0)
+        total = float(cum[-1])
+        if total == 0:
+            break
+        target = torch.tensor([u[step] * total], dtype=torch.float64, device=x.device)
+        i = int(torch.searchsorted(cum, target, right=True))
+        chosen.append(i if i < n else int(torch.nonzero(w)[-1, 0]))
+    return torch.tensor(chosen, dtype=torch.int64, device=x.device), labels, d2

@@ -80,6 +80,7 @@ import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
 from . import hashing
+from .reference import seed_loop
 
 NAME = "triton"
 
@@ -752,3 +753,196 @@ def aggregate(arrays, weights, target_size):
         _aggregate_kernel[grid](out, group, tuple(a.numel() for a in group), p[g:], target_size,
                                 ACCUM=g > 0, BLOCK=BLOCK, ACC=_acc_dtype(dtype), num_warps=4)
     return out
+
+
+# ---------------------------------------------------------------- k-means and action sharing
+# The ops of ``fastfair.kernels.kmeans`` (math in ``reference.kmeans_*``); bit packing has no
+# Triton kernel (its ``auto`` fallback is ``reference``).
+#
+# * ``kmeans_assign``: grid ``ceil(N / BR)``; a program holds ``BR`` rows and walks the centroids
+#   ``BK`` at a time, the columns ``BD`` at a time: a ``[BR, BK]`` tile of ``<x_i, c_k>``
+#   (``tl.dot`` with ``input_precision="ieee"`` in float32, never TF32, since near-ties decide
+#   labels; float64, which ``tl.dot`` does not take, as a broadcast product summed over ``BD``),
+#   then ``||c_k||^2 - 2 <x_i, c_k>``, the tile's argmin (leftmost on ties) and a running
+#   minimum that only a strictly smaller value replaces. No ``N x K`` matrix is written. A second
+#   pass over the row's columns sums ``(x_i - c_label)^2``.
+# * ``kmeans_centroid_sums``: a stable sort of the labels, then grid ``(K, ceil(d / BD))``: program
+#   ``c`` adds its rows in sorted (row) order ``BE`` at a time into a float64 ``[BE, BD]`` tile
+#   reduced once at the end. One owner per sum and a fixed order: deterministic, no atomics.
+# * ``kmeans_rebuild_add_``: grid ``(ceil(m / BJ), ceil(d / BD))``; rows are distinct within a
+#   call, so each output element is read, added to once and written by one program. Launched
+#   with ``enable_fp_fusion=False``: a fused multiply-add would round once where torch's
+#   ``out + c * coef`` rounds twice.
+# * ``kmeans_seed``: the reference's init loop; its per-center distance update is a kernel, grid
+#   ``ceil(N / BR)``.
+KMEANS_ROWS = 32
+KMEANS_ROWS_F64 = 16
+KMEANS_SEGMENT = 32
+
+
+def _kmeans_tiles(k: int, d: int, f64: bool) -> tuple[int, int, int]:
+    """``(BR, BK, BD)`` of the assignment; ``tl.dot`` needs every side of a tile >= 16."""
+    # float64 multiplies a [BR, BD, BK] broadcast in registers: smaller tiles.
+    cap = 16 if f64 else 64
+    bk = max(16, min(cap, triton.next_power_of_2(k)))
+    bd = max(16, min(cap, triton.next_power_of_2(d)))
+    return (KMEANS_ROWS_F64 if f64 else KMEANS_ROWS), bk, bd
+
+
+@triton.jit
+def _kmeans_assign_kernel(x_ptr, c_ptr, cn_ptr, labels_ptr, dist2_ptr, n, k, d,
+                          BR: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr,
+                          USE_DOT: tl.constexpr):
+    r = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
+    live = r < n
+    best = tl.full([BR], float("inf"), cn_ptr.dtype.element_ty)
+    bk = tl.zeros([BR], tl.int64)
+    for k0 in range(0, k, BK):
+        kk = k0 + tl.arange(0, BK)
+        acc = tl.zeros([BR, BK], cn_ptr.dtype.element_ty)
+        for j0 in range(0, d, BD):
+            jj = j0 + tl.arange(0, BD)
+            xt = tl.load(x_ptr + r[:, None] * d + jj[None, :],
+                         mask=live[:, None] & (jj < d)[None, :], other=0.0)
+            ct = tl.load(c_ptr + kk[None, :].to(tl.int64) * d + jj[:, None],
+                         mask=(kk < k)[None, :] & (jj < d)[:, None], other=0.0)
+            if USE_DOT:
+                acc += tl.dot(xt, ct, input_precision="ieee")
+            else:
+                acc += tl.sum(xt[:, :, None] * ct[None, :, :], axis=1)
+        cn = tl.load(cn_ptr + kk, mask=kk < k, other=0.0)
+        dist = tl.where((kk < k)[None, :], cn[None, :] - (acc + acc), float("inf"))
+        tmin = tl.min(dist, axis=1)
+        targ = tl.argmin(dist, axis=1, tie_break_left=True).to(tl.int64) + k0
+        better = tmin < best
+        best = tl.where(better, tmin, best)
+        bk = tl.where(better, targ, bk)
+    tl.store(labels_ptr + r, bk, mask=live)
+    sq = tl.zeros([BR], cn_ptr.dtype.element_ty)
+    for j0 in range(0, d, BD):
+        jj = j0 + tl.arange(0, BD)
+        m = live[:, None] & (jj < d)[None, :]
+        xt = tl.load(x_ptr + r[:, None] * d + jj[None, :], mask=m, other=0.0)
+        cg = tl.load(c_ptr + bk[:, None] * d + jj[None, :], mask=m, other=0.0)
+        t = xt - cg
+        sq += tl.sum(t * t, axis=1)
+    tl.store(dist2_ptr + r, sq, mask=live)
+
+
+def kmeans_layout(x):
+    """The assignment reads ``x`` itself (``None``)."""
+    return None
+
+
+def kmeans_assign(x, centroids, layout=None):
+    """Fused distances + argmin (module notes above; math in ``reference.kmeans_assign``)."""
+    n, d = x.shape
+    k = centroids.shape[0]
+    labels = torch.empty(n, dtype=torch.int64, device=x.device)
+    dist2 = torch.empty(n, dtype=x.dtype, device=x.device)
+    if n == 0:
+        return labels, dist2
+    f64 = x.dtype == torch.float64
+    br, bk, bd = _kmeans_tiles(k, d, f64)
+    cn = (centroids * centroids).sum(1)
+    _kmeans_assign_kernel[(triton.cdiv(n, br),)](
+        x, centroids, cn, labels, dist2, n, k, d, BR=br, BK=bk, BD=bd, USE_DOT=not f64,
+        num_warps=4)
+    return labels, dist2
+
+
+@triton.jit
+def _kmeans_sums_kernel(x_ptr, perm_ptr, bounds_ptr, sums_ptr, d, BE: tl.constexpr,
+                        BD: tl.constexpr):
+    c = tl.program_id(0)
+    jj = tl.program_id(1) * BD + tl.arange(0, BD)
+    lo = tl.load(bounds_ptr + c)
+    hi = tl.load(bounds_ptr + c + 1)
+    acc = tl.zeros([BE, BD], tl.float64)
+    for base in range(lo, hi, BE):
+        p = base + tl.arange(0, BE)
+        live = p < hi
+        rows = tl.load(perm_ptr + p, mask=live, other=0)
+        acc += tl.load(x_ptr + rows[:, None] * d + jj[None, :],
+                       mask=live[:, None] & (jj < d)[None, :], other=0.0).to(tl.float64)
+    tl.store(sums_ptr + c.to(tl.int64) * d + jj,
+             tl.sum(acc, axis=0).to(sums_ptr.dtype.element_ty), mask=jj < d)
+
+
+def kmeans_centroid_sums(x, labels, k):
+    """Segment sums by sorted labels (module notes above), float64 accumulation."""
+    n, d = x.shape
+    sorted_labels, perm = torch.sort(labels, stable=True)
+    bounds = torch.searchsorted(sorted_labels, torch.arange(k + 1, device=x.device))
+    sums = torch.empty(k, d, dtype=x.dtype, device=x.device)
+    if d > 0:
+        bd = min(LANES, triton.next_power_of_2(d))
+        _kmeans_sums_kernel[(k, triton.cdiv(d, bd))](x, perm, bounds, sums, d,
+                                                      BE=KMEANS_SEGMENT, BD=bd, num_warps=4)
+    return sums, bounds[1:] - bounds[:-1]
+
+
+@triton.jit
+def _kmeans_rebuild_kernel(out_ptr, rows_ptr, c_ptr, labels_ptr, scales_ptr, w_ptr, m, d,
+                           HAS_SCALES: tl.constexpr, BJ: tl.constexpr, BD: tl.constexpr):
+    j = tl.program_id(0).to(tl.int64) * BJ + tl.arange(0, BJ)
+    jj = tl.program_id(1) * BD + tl.arange(0, BD)
+    live = j < m
+    mask = live[:, None] & (jj < d)[None, :]
+    coef = tl.zeros([BJ], out_ptr.dtype.element_ty) + tl.load(w_ptr)
+    if HAS_SCALES:
+        coef = coef * tl.load(scales_ptr + j, mask=live, other=0.0)
+    rows = tl.load(rows_ptr + j, mask=live, other=0)
+    lab = tl.load(labels_ptr + j, mask=live, other=0)
+    cv = tl.load(c_ptr + lab[:, None] * d + jj[None, :], mask=mask, other=0.0)
+    dst = out_ptr + rows[:, None] * d + jj[None, :]
+    tl.store(dst, tl.load(dst, mask=mask, other=0.0) + cv * coef[:, None], mask=mask)
+
+
+def kmeans_rebuild_add_(out, rows, centroids, labels, scales, weight):
+    """``out[rows[j]] += (w s_j) c_{labels[j]}`` (module notes above)."""
+    m, d = rows.numel(), out.shape[1]
+    if m == 0 or d == 0:
+        return out
+    w = torch.tensor([weight], dtype=out.dtype, device=out.device)
+    bd = min(LANES, triton.next_power_of_2(d))
+    bj = max(1, TILE // bd)
+    _kmeans_rebuild_kernel[(triton.cdiv(m, bj), triton.cdiv(d, bd))](
+        out, rows, centroids, labels, w if scales is None else scales, w, m, d,
+        HAS_SCALES=scales is not None, BJ=bj, BD=bd, num_warps=_warps(bj * bd),
+        enable_fp_fusion=False)
+    return out
+
+
+@triton.jit
+def _kmeans_nearest_kernel(x_ptr, center_ptr, d2_ptr, labels_ptr, n, d, j,
+                           BR: tl.constexpr, BD: tl.constexpr):
+    r = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
+    live = r < n
+    sq = tl.zeros([BR], x_ptr.dtype.element_ty)
+    for j0 in range(0, d, BD):
+        jj = j0 + tl.arange(0, BD)
+        xt = tl.load(x_ptr + r[:, None] * d + jj[None, :],
+                     mask=live[:, None] & (jj < d)[None, :], other=0.0)
+        cv = tl.load(center_ptr + jj, mask=jj < d, other=0.0)
+        t = xt - cv[None, :]
+        sq += tl.sum(t * t, axis=1)
+    sq = sq.to(tl.float64)
+    old = tl.load(d2_ptr + r, mask=live, other=0.0)
+    closer = live & (sq < old)
+    tl.store(d2_ptr + r, sq, mask=closer)
+    tl.store(labels_ptr + r, tl.zeros([BR], tl.int64) + j, mask=closer)
+
+
+def _nearest_(x, center, d2, labels, j):
+    """One init step: ``d2[i], labels[i] = ||x_i - center||^2, j`` where that is smaller."""
+    n, d = x.shape
+    bd = min(LANES, triton.next_power_of_2(d))
+    br = max(1, TILE // bd)
+    _kmeans_nearest_kernel[(triton.cdiv(n, br),)](x, center, d2, labels, n, d, j, BR=br, BD=bd,
+                                                  num_warps=_warps(br * bd))
+
+
+def kmeans_seed(x, first, uniforms, plusplus):
+    """The k-means init (math in ``reference.kmeans_seed``): its loop with this backend's step."""
+    return seed_loop(x, first, uniforms, plusplus, _nearest_)
