@@ -37,10 +37,13 @@ from tqdm import tqdm
 from . import __version__
 from .fl.data import DATASETS, load_dataset, synthetic
 from .fl.model import ARCHS
-from .fl.runner import (ASSIGNMENTS, LOSSES, METHODS, OPTIMIZER_STATES, OPTIMIZERS, Config,
+from .fl.compress import COMPRESSORS
+from .fl.profiles import PROFILES
+from .fl.runner import (AGGREGATIONS, ASSIGNMENTS, COMPRESSIBLE, LOSSES, METHODS, OPTIMIZER_STATES, OPTIMIZERS, Config,
                         FederatedRunner, popularity_metrics)
 from .fl.tiers import fraction_label, parse_tiers
 
+ENGINES = ("inprocess", "flower")
 CONFIG_FILE = "config.json"
 RESULTS_FILE = "results.jsonl"
 SUMMARY_FILE = "summary.md"
@@ -57,7 +60,8 @@ RESUMABLE_SETTINGS = ("rounds", "checkpoint_every", "quiet", "resume", "overwrit
                       "data_dir")
 
 _CHOICES = {"method": METHODS, "arch": ARCHS, "assignment": ASSIGNMENTS, "optimizer": OPTIMIZERS,
-            "optimizer_state": OPTIMIZER_STATES, "loss": LOSSES}
+            "optimizer_state": OPTIMIZER_STATES, "loss": LOSSES, "compressor": COMPRESSORS,
+            "aggregation": AGGREGATIONS}
 _SHORT = {"clients_per_round": "-K", "local_epochs": "-E"}
 _HELP = {
     "arch": "model",
@@ -72,10 +76,27 @@ _HELP = {
     "optimizer_state": "fresh optimizer every round, or one kept on each client",
     "loss": "training loss",
     "negatives": "uniform negatives per positive, redrawn every epoch",
+    "reg": "L2 weight on the embeddings each batch uses",
+    "aggregation": "average what clients hold (model, the reference rule) or what they "
+                   "changed (delta)",
     "chunk_size": "hash chunk size Z (contiguous elements per hash)",
     "dropout": "probability that a sampled client never returns its update",
     "seed": "seed of the runner (initialisation, tiers, hashes, sampling)",
     "eval_every": "evaluate every N rounds (and after the last)",
+    "compressor": "how clients encode their item-table updates (none: upload the tables)",
+    "ratio": "payload budget per item table, as a fraction of the whole table in float32 "
+             "(0: none)",
+    "actions": "number of actions K, or 'adaptive' (chosen per client by --ratio, --profile "
+               "and --error-bound)",
+    "max_actions": "largest K the adaptive rule may choose",
+    "spherical": "actions: cluster directions and send one scale per touched row",
+    "kmeans_iters": "actions: cap on Lloyd iterations",
+    "error_bound": "adaptive actions: smallest K whose relative reconstruction error is at "
+                   "most this (0: off)",
+    "profile": f"device/network profile: {', '.join(PROFILES)} or a JSON file (gives "
+               "simulated round times and the deadline)",
+    "deadline": "simulated round deadline in seconds (0: the profile's)",
+    "server_lr": "server learning rate: move this far towards the aggregate",
 }
 _CONFIG_FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 _SYNTHETIC = {k: p.default for k, p in inspect.signature(synthetic).parameters.items()}
@@ -125,10 +146,14 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
 
     train = parser.add_argument_group("training (fastfair.fl.runner.Config)")
     for name, field in _CONFIG_FIELDS.items():
-        if name in ("method", "tiers", "ks"):
+        if name in ("method", "tiers", "ks") or (name == "compressor" and
+                                                  parser.prog.endswith("compare")):
             continue
         flags = [f"--{name.replace('_', '-')}"] + ([_SHORT[name]] if name in _SHORT else [])
         kind = type(field.default)
+        if kind is bool:
+            train.add_argument(*flags, dest=name, action="store_true", help=_HELP.get(name))
+            continue
         train.add_argument(*flags, dest=name, type=kind, default=field.default,
                            choices=_CHOICES.get(name),
                            metavar=None if name in _CHOICES else kind.__name__.upper(),
@@ -164,6 +189,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="(default: %(default)s)")
     train.add_argument("--tiers", default=Config.tiers, metavar="SPEC",
                        help="tier mix, e.g. 2:0-1-2-3 or 1:0.5,1/64:0.5 (default: %(default)s)")
+    train.add_argument("--engine", default="inprocess", choices=ENGINES,
+                       help="run the clients in this process, or on Flower's simulation "
+                            "engine (pip install 'fastfair[flower]'; no checkpoints) "
+                            "(default: %(default)s)")
     _add_common(train)
     compare = commands.add_parser("compare", allow_abbrev=False,
                                   help="run several methods x tier mixes",
@@ -174,6 +203,10 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--tiers", action="append", metavar="SPEC",
                          help="a tier mix, repeatable "
                               f"(default: {' '.join(COMPARE_TIERS)})")
+    compare.add_argument("--compressors", default="none", metavar="LIST",
+                         help=f"comma-separated upload compressors among "
+                              f"{','.join(COMPRESSORS)}, each run with every method and tier "
+                              "mix (default: %(default)s)")
     _add_common(compare)
     return parser
 
@@ -196,7 +229,17 @@ class _Run:
 
     @property
     def key(self) -> tuple:
-        return self.config.method, self.config.tiers
+        return self.config.method, self.config.tiers, self.config.compressor
+
+    @property
+    def label(self) -> str:
+        """The method, with its upload compressor when it has one."""
+        c = self.config
+        return c.method if c.compressor == "none" else f"{c.method}+{c.compressor}"
+
+
+def _key(record: dict) -> tuple:
+    return record["method"], record["tiers"], record.get("compressor", "none")
 
 
 def _methods(args) -> list:
@@ -208,6 +251,17 @@ def _methods(args) -> list:
         raise ValueError(f"--methods: unknown method(s) {unknown or [args.methods]}; choose from "
                          f"{', '.join(METHODS)}")
     return methods
+
+
+def _compressors(args) -> list:
+    if args.command == "train":
+        return [args.compressor]
+    chosen = list(dict.fromkeys(c.strip() for c in args.compressors.split(",") if c.strip()))
+    unknown = [c for c in chosen if c not in COMPRESSORS]
+    if unknown or not chosen:
+        raise ValueError(f"--compressors: unknown compressor(s) {unknown or [args.compressors]};"
+                         f" choose from {', '.join(COMPRESSORS)}")
+    return chosen
 
 
 def _tier_mixes(args) -> list:
@@ -243,22 +297,27 @@ def _load_data(args):
     return load_dataset(args.dataset, args.data_dir, **kwargs)
 
 
-def _file_stem(method: str, tiers: str) -> str:
-    return f"{method}__{re.sub(r'[^A-Za-z0-9.-]+', '_', tiers.strip())}"
+def _file_stem(method: str, tiers: str, compressor: str = "none") -> str:
+    stem = f"{method}__{re.sub(r'[^A-Za-z0-9.-]+', '_', tiers.strip())}"
+    return stem if compressor == "none" else f"{stem}__{compressor}"
 
 
 def _plan(args, data) -> list:
-    methods, mixes = _methods(args), _tier_mixes(args)
+    methods, mixes, compressors = _methods(args), _tier_mixes(args), _compressors(args)
     shared = {name: getattr(args, name) for name in _CONFIG_FIELDS
-              if name not in ("method", "tiers", "ks")}
+              if name not in ("method", "tiers", "ks", "compressor")}
     ks = tuple(dict.fromkeys(args.ks)) if args.ks else Config.ks
     runs, stems = [], {}
     for tiers in mixes:
         smallest = min(t.fraction for t in parse_tiers(tiers))
-        for method in methods:
-            config = Config(method=method, tiers=tiers, ks=ks, **shared)
+        for method, compressor in ((m, c) for m in methods for c in compressors):
+            config = Config(method=method, tiers=tiers, ks=ks, compressor=compressor, **shared)
+            if compressor != "none" and method not in COMPRESSIBLE:
+                if args.command == "train":
+                    config.check(data)  # raises, naming the methods a compressor applies to
+                continue
             config.check(data)
-            stem = _file_stem(method, tiers)
+            stem = _file_stem(method, tiers, compressor)
             if stem in stems:
                 raise ValueError(f"tier mixes {stems[stem]!r} and {tiers!r} would share the "
                                  f"checkpoint name {stem}; write them alike or drop one")
@@ -281,8 +340,10 @@ def _plan(args, data) -> list:
 
 def _settings(args, methods, mixes) -> dict:
     """Every setting of the command, JSON-normalised (so a stored copy compares equal)."""
-    settings = {k: v for k, v in vars(args).items() if k not in ("method", "methods", "tiers")}
-    settings.update(methods=methods, tier_mixes=mixes,
+    settings = {k: v for k, v in vars(args).items()
+                if k not in ("method", "methods", "tiers", "compressor", "compressors")}
+    settings.setdefault("engine", "inprocess")
+    settings.update(methods=methods, tier_mixes=mixes, compressors=_compressors(args),
                     ks=list(dict.fromkeys(args.ks)) if args.ks else list(Config.ks))
     return json.loads(json.dumps(settings))
 
@@ -380,6 +441,7 @@ def _write_config(out: Path, settings: dict, argv: list, data, runs: list) -> No
                      "platform": platform.platform(), "torch_threads": torch.get_num_threads()},
         "data": _data_record(data),
         "runs": [{"method": r.config.method, "tiers": r.config.tiers,
+                  "compressor": r.config.compressor,
                   "config": dataclasses.asdict(r.config),
                   "checkpoint": f"{CHECKPOINT_DIR}/{r.name}.pt",
                   "trainable": r.not_run is None, "reason": r.not_run,
@@ -394,7 +456,7 @@ def _prepare_out(args, out: Path, runs: list) -> None:
     if args.resume:
         starts = {run.key: run.start for run in runs}
         kept = [r for r in _read_records(out / RESULTS_FILE)
-                if r["round"] <= starts.get((r["method"], r["tiers"]), -1)]
+                if r["round"] <= starts.get(_key(r), -1)]
         _write_atomic(out / RESULTS_FILE, "".join(json.dumps(r) + "\n" for r in kept))
         return
     ckpt_dir.mkdir(parents=True, exist_ok=True)
@@ -409,10 +471,10 @@ def _prepare_out(args, out: Path, runs: list) -> None:
 # Training
 # ---------------------------------------------------------------------------------------------
 
-def _record(runner: FederatedRunner, stats: dict, metrics: dict, eval_seconds: float) -> dict:
-    totals = runner.totals
+def _record(cfg: Config, totals: dict, stats: dict, metrics: dict, eval_seconds: float) -> dict:
     return _plain({
-        "method": runner.cfg.method, "tiers": runner.cfg.tiers, "round": stats["round"],
+        "method": cfg.method, "tiers": cfg.tiers,
+        "compressor": cfg.compressor, "round": stats["round"],
         "metrics": metrics, "loss": stats["loss"],
         "clients": stats["clients"], "returned": stats["returned"],
         "bytes_down": stats["bytes_down"], "bytes_up": stats["bytes_up"],
@@ -420,8 +482,34 @@ def _record(runner: FederatedRunner, stats: dict, metrics: dict, eval_seconds: f
         "dropped": stats["dropped"], "rejected": stats["rejected"],
         "dropped_total": totals["dropped"], "rejected_total": totals["rejected"],
         "by_tier": stats["by_tier"],
+        **{k: stats[k] for k in ("upload_ratio", "bits_up", "bits_int32_up", "sim_seconds",
+                                 "late", "by_class") if k in stats},
+        **{f"{k}_total": totals[k] for k in ("bits_up", "bits_int32_up", "item_bits_up",
+                                             "item_reference_bits", "late") if k in totals},
         "seconds": stats["seconds"], "eval_seconds": eval_seconds,
     })
+
+
+def _train_flower(run: _Run, data, out: Path, args) -> None:
+    """The run through Flower's simulation engine (``fastfair.fl.flower``): the same records,
+    no checkpoints (the server never holds the clients' private vectors)."""
+    try:
+        from .fl import flower
+    except ImportError as err:
+        raise ValueError(str(err)) from None
+    cfg = run.config
+    started = time.perf_counter()
+    with open(out / RESULTS_FILE, "a") as results:
+        def write(rec):
+            metrics = {k: v for k, v in rec.items() if "@" in k or k == "users"}
+            results.write(json.dumps(_record(cfg, rec["totals"], rec, metrics,
+                                             rec["eval_seconds"])) + "\n")
+            results.flush()
+
+        flower.simulate(data, cfg, on_eval=write)
+    if not args.quiet:
+        print(f"{run.label} {cfg.tiers}: {cfg.rounds} rounds through Flower "
+              f"({time.perf_counter() - started:.1f} s)", flush=True)
 
 
 def _train(run: _Run, data, out: Path, args, show_bar: bool) -> None:
@@ -438,7 +526,7 @@ def _train(run: _Run, data, out: Path, args, show_bar: bool) -> None:
     shown = {}
     started = time.perf_counter()
     bar = tqdm(total=cfg.rounds, initial=runner.round_index, unit="round", leave=True,
-               desc=f"{cfg.method} {cfg.tiers}", disable=not show_bar, dynamic_ncols=True)
+               desc=f"{run.label} {cfg.tiers}", disable=not show_bar, dynamic_ncols=True)
     with bar, open(out / RESULTS_FILE, "a") as results:
         while runner.round_index < cfg.rounds:
             stats = runner.run_round()
@@ -447,7 +535,7 @@ def _train(run: _Run, data, out: Path, args, show_bar: bool) -> None:
             if r % cfg.eval_every == 0 or r == cfg.rounds:
                 t0 = time.perf_counter()
                 metrics = runner.evaluate()
-                results.write(json.dumps(_record(runner, stats, metrics,
+                results.write(json.dumps(_record(cfg, runner.totals, stats, metrics,
                                                  time.perf_counter() - t0)) + "\n")
                 results.flush()
                 shown[metric] = f"{metrics[metric]:.4f}"
@@ -457,7 +545,7 @@ def _train(run: _Run, data, out: Path, args, show_bar: bool) -> None:
             bar.update(1)
     if not show_bar and not args.quiet:
         detail = ", ".join(f"{k} {v}" for k, v in shown.items())
-        print(f"{cfg.method} {cfg.tiers}: round {cfg.rounds}, {detail} "
+        print(f"{run.label} {cfg.tiers}: round {cfg.rounds}, {detail} "
               f"({time.perf_counter() - started:.1f} s)", flush=True)
 
 
@@ -477,16 +565,17 @@ def summary_table(runs: list, records: list, ks: tuple, popularity: Optional[dic
     """Markdown table: one row per run, from its evaluation records, and a last row for the
     item-popularity ranking (``popularity``: its metrics) when given."""
     names = [f"{m}@{k}" for k in ks for m in ("ndcg", "hr")]
+    compressed = any(run.config.compressor != "none" for run in runs)
     header = (["method", "tiers", "smallest tier", "rounds"]
               + [f"{n} {w}" for n in names for w in ("final", "best")]
-              + ["MB down+up", "notes"])
+              + ["MB down+up"] + (["MB up", "item upload ratio"] if compressed else [])
+              + ["notes"])
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for run in runs:
-        mine = sorted((r for r in records if (r["method"], r["tiers"]) == run.key),
-                      key=lambda r: r["round"])
-        row = [run.config.method, run.config.tiers, fraction_label(run.smallest)]
+        mine = sorted((r for r in records if _key(r) == run.key), key=lambda r: r["round"])
+        row = [run.label, run.config.tiers, fraction_label(run.smallest)]
         if run.not_run or not mine:
-            row += ["n/a"] * (1 + 2 * len(names) + 1)
+            row += ["n/a"] * (1 + 2 * len(names) + 1 + 2 * compressed)
             row.append(f"n/a: {run.not_run}" if run.not_run else "no evaluation yet")
         else:
             last = mine[-1]
@@ -495,13 +584,19 @@ def summary_table(runs: list, records: list, ks: tuple, popularity: Optional[dic
                 seen = [r["metrics"][name] for r in mine if r["metrics"].get(name) is not None]
                 row += [_number(last["metrics"].get(name)), _number(max(seen, default=None))]
             row.append(f"{(last['bytes_down_total'] + last['bytes_up_total']) / 1e6:.2f}")
+            if compressed:
+                row.append(f"{last['bytes_up_total'] / 1e6:.2f}")
+                ref = last.get("item_reference_bits_total")
+                row.append(f"1/{ref / last['item_bits_up_total']:.1f}"
+                           if ref and last.get("item_bits_up_total") else "1")
             row.append(run.unsupported or "")
         lines.append("| " + " | ".join(_cell(c) for c in row) + " |")
     if popularity is not None:
         row = ["popularity (no training)", "", "", "0"]
         for name in names:
             row += [_number(popularity.get(name))] * 2
-        row += ["0.00", "items ranked by their number of training interactions"]
+        row += ["0.00"] + ["", ""] * compressed
+        row += ["items ranked by their number of training interactions"]
         lines.append("| " + " | ".join(_cell(c) for c in row) + " |")
     return "\n".join(lines)
 
@@ -509,35 +604,46 @@ def summary_table(runs: list, records: list, ks: tuple, popularity: Optional[dic
 def _write_summary(out: Path, title: str, table: str) -> None:
     text = (f"# {title}\n\n{table}\n\nfinal: the last evaluation; best: the best evaluation of "
             f"the run; MB: bytes downloaded + uploaded by all clients over all rounds "
-            f"(1 MB = 10^6 bytes). Per-evaluation records: `{RESULTS_FILE}`; settings: "
+            f"(1 MB = 10^6 bytes; uploads counted exactly in bits, indices bit-packed); item "
+            f"upload ratio: item-table bits uploaded / bits of uploading those tables whole "
+            f"in float32. Per-evaluation records: `{RESULTS_FILE}`; settings: "
             f"`{CONFIG_FILE}`.\n")
     _write_atomic(out / SUMMARY_FILE, text)
 
 
-def write_plot(path: Path, runs: list, records: list, metric: str, title: str) -> None:
-    """Left: ``metric`` vs round, one line per run (colour: method, style: tier mix). Right: the
-    final ``metric`` vs the smallest tier's capacity, one line per method."""
+def write_plot(path: Path, runs: list, records: list, metric: str, title: str,
+               upload_metric: Optional[str] = None) -> None:
+    """Left: ``metric`` vs round, one line per run (colour: method and compressor, style: tier
+    mix). Middle: the final ``metric`` vs the smallest tier's capacity, one line per method.
+    Right (when ``upload_metric`` is given): the final ``upload_metric`` vs the MB uploaded, one
+    point per run."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
     from matplotlib.ticker import MaxNLocator
 
-    colours = {m: f"C{i}" for i, m in enumerate(METHODS)}
+    labels = list(dict.fromkeys(run.label for run in runs))
+    colours = {m: f"C{i % 10}" for i, m in enumerate(labels)}
     mixes = list(dict.fromkeys(run.config.tiers for run in runs))
     styles = {t: ("-", "--", ":", "-.")[i % 4] for i, t in enumerate(mixes)}
-    fig = Figure(figsize=(13, 5), layout="constrained")
+    fig = Figure(figsize=(19 if upload_metric else 13, 5), layout="constrained")
     FigureCanvasAgg(fig)
-    left, right = fig.subplots(1, 2)
+    axes = fig.subplots(1, 3 if upload_metric else 2)
+    left, right = axes[0], axes[1]
     finals: dict = {}
     for run in runs:
-        mine = sorted((r for r in records if (r["method"], r["tiers"]) == run.key
+        mine = sorted((r for r in records if _key(r) == run.key
                        and r["metrics"].get(metric) is not None), key=lambda r: r["round"])
         if run.not_run or not mine:
             continue
-        method = run.config.method
+        method = run.label
         left.plot([r["round"] for r in mine], [r["metrics"][metric] for r in mine],
                   color=colours[method], linestyle=styles[run.config.tiers], marker=".")
         finals.setdefault(method, []).append((run.smallest, mine[-1]["metrics"][metric]))
+        if upload_metric and mine[-1]["metrics"].get(upload_metric) is not None:
+            axes[2].scatter([mine[-1]["bytes_up_total"] / 1e6],
+                            [mine[-1]["metrics"][upload_metric]], color=colours[method],
+                            marker="o^sDv*"[mixes.index(run.config.tiers) % 6])
     for method, points in finals.items():
         points.sort()
         right.plot([x for x, _ in points], [y for _, y in points], color=colours[method],
@@ -555,7 +661,13 @@ def write_plot(path: Path, runs: list, records: list, metric: str, title: str) -
     right.set(xlabel="capacity of the smallest tier (fraction of the dense item table)",
               ylabel=f"final {metric}", title=f"final {metric} vs smallest tier")
     right.legend(fontsize="small")
-    for ax in (left, right):
+    if upload_metric:
+        axes[2].set_xscale("log")
+        axes[2].set(xlabel="MB uploaded by all clients (log)", ylabel=f"final {upload_metric}",
+                    title=f"final {upload_metric} vs upload")
+        axes[2].legend(handles=[Line2D([], [], color=colours[m], marker="o", linestyle="",
+                                       label=m) for m in finals], fontsize="small")
+    for ax in axes:
         ax.grid(alpha=0.3)
     fig.suptitle(title)
     tmp = path.with_name(path.name + ".tmp")
@@ -577,6 +689,14 @@ def _setup(argv: list):
     args = build_parser().parse_args(argv)
     if args.resume and args.overwrite:
         raise ValueError("--resume and --overwrite exclude each other")
+    if getattr(args, "engine", "inprocess") == "flower":
+        if args.resume:
+            raise ValueError("--engine flower cannot --resume: the server never holds the "
+                             "clients' private vectors, so it has no complete checkpoint")
+        try:
+            from .fl import flower  # noqa: F401  (fail before any file is written)
+        except ImportError as err:
+            raise ValueError(str(err)) from None
     out = Path(args.out or f"runs/{args.command}-{args.dataset.strip().lower()}")
     args.out = str(out)
     if out.exists() and not out.is_dir():
@@ -615,7 +735,9 @@ def main(argv: Optional[list] = None) -> int:
         print(f"{len(trainable)} run(s) of {args.rounds} rounds -> {out}", flush=True)
     try:
         for run in trainable:
-            if run.start < args.rounds:
+            if getattr(args, "engine", "inprocess") == "flower":
+                _train_flower(run, data, out, args)
+            elif run.start < args.rounds:
                 _train(run, data, out, args, show_bar)
     except KeyboardInterrupt:
         print(f"fastfair: interrupted; the same command with --resume continues from the "
@@ -628,7 +750,9 @@ def main(argv: Optional[list] = None) -> int:
              f"E={args.local_epochs}")
     table = summary_table(runs, records, ks, popularity_metrics(data, ks))
     _write_summary(out, title, table)
-    write_plot(out / PLOT_FILE, runs, records, f"ndcg@{ks[0]}", title)
+    write_plot(out / PLOT_FILE, runs, records, f"ndcg@{ks[0]}", title,
+               upload_metric=f"hr@{ks[0]}" if any(r.config.compressor != "none"
+                                                  for r in runs) else None)
     print(table)
     print(f"wrote {out / SUMMARY_FILE}, {out / PLOT_FILE}, {out / RESULTS_FILE}, "
           f"{out / CONFIG_FILE}")

@@ -188,6 +188,12 @@ def _error(capsys, argv):
     (["train", *TINY, "--method", "exclusion", "--tiers", "2:1-2"], "cannot represent any tier"),
     (["compare", *TINY, "--methods", "exclusion", "--tiers", "2:1-2"], "no run can train"),
     (["train", *TINY, "--resume", "--overwrite"], "exclude each other"),
+    (["train", *TINY, "--compressor", "zip"], "argument --compressor: invalid choice: 'zip'"),
+    (["compare", *TINY, "--compressors", "none,zip"], "unknown compressor(s) ['zip']"),
+    (["train", *TINY, "--compressor", "actions"], "needs a payload budget"),
+    (["train", *TINY, "--compressor", "actions", "--actions", "0"], "actions must be"),
+    (["train", *TINY, "--method", "fedhm", "--compressor", "topk"], "applies to methods"),
+    (["train", *TINY, "--profile", "nowhere.json"], "neither a built-in profile"),
 ])
 def test_bad_arguments_give_one_error_line(capsys, argv, match, tmp_path):
     assert match in _error(capsys, [*argv, "--out", tmp_path / "out"] if argv else argv)
@@ -230,3 +236,48 @@ def test_entry_points(capsys, monkeypatch):
     done = subprocess.run([sys.executable, "-m", "fastfair", "train", "--tiers", "2:"],
                           capture_output=True, text=True, cwd=ROOT)
     assert done.returncode == 2 and done.stderr.startswith("fastfair: error: tier spec '2:'")
+
+
+def test_compare_with_compressors_reports_upload_ratio_and_plots_it(tmp_path, capsys):
+    out = tmp_path / "c"
+    argv = ["compare", *TINY, "--rounds", "2", "--eval-every", "2", "--tiers", "2:0-3",
+            "--methods", "fair,fedhm", "--compressors", "none,actions,topk", "--ratio", "0.25",
+            "--profile", "mobile", "--spherical", "--out", out]
+    assert cli.main([str(a) for a in argv]) == 0
+    records = _records(out)
+    keys = {(r["method"], r["compressor"]) for r in records}
+    # fedhm's tables are factors, not arrays: it runs uncompressed only
+    assert keys == {("fair", "none"), ("fair", "actions"), ("fair", "topk"), ("fedhm", "none")}
+    for r in records:
+        if r["compressor"] != "none":
+            assert r["item_bits_up_total"] <= r["item_reference_bits_total"] * 0.25
+            assert r["bits_up_total"] / 8 <= r["bytes_up_total"]
+        assert set(r["by_class"]) <= {"flagship-wifi", "midrange-4g", "budget-3g"}
+    summary = (out / "summary.md").read_text()
+    assert "| fair+actions | 2:0-3 |" in summary and "item upload ratio" in summary
+    assert _is_png(out / "plot.png")
+    settings = json.loads((out / "config.json").read_text())["settings"]
+    assert settings["compressors"] == ["none", "actions", "topk"] and settings["spherical"]
+    assert (out / "checkpoints" / "fair__2_0-3__actions.pt").is_file()
+
+
+def test_engine_flower_gives_the_in_process_records(tmp_path):
+    pytest.importorskip("flwr", reason="Flower is an optional extra: pip install 'fastfair[flower]'")
+    pytest.importorskip("ray", reason="Flower's simulation engine needs ray ('flwr[simulation]')")
+    argv = ["train", "--users", "12", "--items", "150", "-K", "4", "--quiet", "--rounds", "2",
+            "--eval-every", "2", "--tiers", "2:0-3"]
+    assert cli.main([*argv, "--out", str(tmp_path / "local")]) == 0
+    assert cli.main([*argv, "--engine", "flower", "--out", str(tmp_path / "flower")]) == 0
+    local, remote = _records(tmp_path / "local"), _records(tmp_path / "flower")
+    assert len(local) == len(remote) == 1
+    for key in ("loss", "bytes_up_total", "bytes_down_total", "by_tier"):
+        assert local[0][key] == remote[0][key], key
+    for name, value in local[0]["metrics"].items():
+        # federated evaluation sums the users' metrics in another order
+        assert remote[0]["metrics"][name] == pytest.approx(value, rel=1e-9), name
+
+
+def test_engine_flower_refuses_resume(capsys, tmp_path):
+    line = _error(capsys, ["train", *TINY, "--engine", "flower", "--resume", "--out",
+                           tmp_path / "o"])
+    assert "cannot --resume" in line

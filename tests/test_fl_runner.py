@@ -75,6 +75,44 @@ def test_aggregation_equals_the_naive_weighted_sum_of_uploads(data, method, tier
         torch.testing.assert_close(runner.tables[name], expect[name], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("method,tiers", [("fair", "2:0-1-2-3"), ("fair-inconsistent", "2:0-1-2"),
+                                          ("fedhm", "2:0-1-2"), ("heterofl", "2:0-1-2")])
+def test_delta_aggregation_adds_the_naive_weighted_sum_of_changes(data, method, tiers):
+    runner = FederatedRunner(data, _cfg(method=method, tiers=tiers, aggregation="delta"))
+    before = {name: t.clone() for name, t in runner.tables.items()}
+    uploads, starts = [], []
+    for client in runner.eligible[:12].tolist():
+        view = runner.view(client)
+        model = runner.download(client, view)
+        # what the client was sent (upload() hands out the live parameters: copy them)
+        starts.append({k: v.clone() for k, v in runner.upload(client, model, view).items()})
+        runner.local_train(client, model, torch.Generator().manual_seed(client))
+        uploads.append((runner.upload(client, model, view), view,
+                        float(data.user_items(client).numel())))
+    assert len({v.tier for _, v, _ in uploads}) >= 2
+    expect = {}
+    for name in runner.tables:
+        change = torch.zeros_like(before[name], dtype=torch.float64)
+        mass = torch.zeros(8, dtype=torch.float64)  # per column, for heterofl
+        for (update, view, w), start in zip(uploads, starts):
+            delta = (_naive_dense(runner, name, update, view).double()
+                     - _naive_dense(runner, name, start, view).double())
+            change[:, :delta.shape[1]] += w * delta
+            mass[:delta.shape[1]] += w
+        held = mass > 0
+        change[:, held] /= mass[held]
+        change[:, ~held] = 0
+        expect[name] = (before[name].double() + change).float()
+    model_rule = FederatedRunner(data, _cfg(method=method, tiers=tiers))
+    model_rule._aggregate(uploads)
+    runner._aggregate(uploads)
+    for name in runner.tables:
+        torch.testing.assert_close(runner.tables[name], expect[name], rtol=1e-5, atol=1e-6)
+        # Lossy views lose the part of the table they cannot represent under the reference rule.
+        same = torch.allclose(model_rule.tables[name], expect[name], rtol=1e-5, atol=1e-6)
+        assert same == (method == "heterofl")
+
+
 def test_heterofl_keeps_columns_nobody_held(data):
     runner = FederatedRunner(data, _cfg(method="heterofl", tiers="2:1"))
     client = int(runner.eligible[0])
@@ -378,3 +416,33 @@ def test_popularity_baseline_ranks_by_train_counts(data):
         rank = sum(int(counts[j] >= counts[t]) for j in negs)
         hits += rank < 10
     assert got["hr@10"] == pytest.approx(hits / data.num_users)
+
+
+def test_reg_adds_the_l2_of_the_batch_embeddings(monkeypatch):
+    data = synthetic(num_users=20, num_items=150, seed=1, min_interactions=6, max_interactions=12)
+    losses = {}
+    for reg in (0.0, 0.5):
+        cfg = Config(method="fedavg-full", tiers="2:0-1", clients_per_round=3, rounds=1, dim=4,
+                     seed=3, reg=reg, optimizer="sgd", lr=1e-9, batch_size=1000)
+        runner = FederatedRunner(data, cfg)
+        client = 0
+        model = runner.download(client, runner.view(client))
+        seen = []
+        real = model.forward
+
+        def spy(items, with_sqnorm=False):
+            out = real(items, with_sqnorm)
+            seen.append((items.clone(), out))
+            return out
+
+        monkeypatch.setattr(model, "forward", spy)
+        losses[reg] = runner.local_train(client, model, torch.Generator().manual_seed(0))
+        items = seen[0][0]
+    # with a vanishing lr the weights do not move: the loss difference is exactly the L2 term
+    with torch.no_grad():
+        rows = (model.item_gmf(items).pow(2).sum() + model.item_mlp(items).pow(2).sum()
+                + model.user_gmf.pow(2).sum() + model.user_mlp.pow(2).sum())
+    expected = 0.5 * float(rows) / items.shape[0]
+    assert losses[0.5] - losses[0.0] == pytest.approx(expected, rel=1e-4)
+    with pytest.raises(ValueError, match="reg must be"):
+        Config(reg=-1.0).check(data)

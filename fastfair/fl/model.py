@@ -114,9 +114,18 @@ class ClientModel(nn.Module):
     def table_names(self) -> tuple[str, ...]:
         return ("gmf",) if self.arch == "mf" else ("gmf", "mlp")
 
-    def forward(self, items: Tensor) -> Tensor:
-        """Scores of this client's user for ``items`` (any shape)."""
+    def forward(self, items: Tensor, with_sqnorm: bool = False):
+        """Scores of this client's user for ``items`` (any shape). ``with_sqnorm``: also return
+        ``sum ||row||^2`` over the item rows looked up and the user vectors (for an L2 term on
+        the embeddings a batch uses)."""
+        q = self.item_gmf(items)
         if self.arch == "mf":
-            return score("mf", self.user_gmf, None, self.item_gmf(items), None, None)
-        return score("neumf", self.user_gmf, self.user_mlp, self.item_gmf(items),
-                     self.item_mlp(items), self.head)
+            out = score("mf", self.user_gmf, None, q, None, None)
+            rows = (q, self.user_gmf)
+        else:
+            q2 = self.item_mlp(items)
+            out = score("neumf", self.user_gmf, self.user_mlp, q, q2, self.head)
+            rows = (q, q2, self.user_gmf, self.user_mlp)
+        if not with_sqnorm:
+            return out
+        return out, sum(r.pow(2).sum() for r in rows)

@@ -56,20 +56,27 @@ from ..kernels.functional import HashSpec
 from ..nn import HashedEmbedding
 from . import metrics
 from .data import InteractionData
+from .compress import COMPRESSORS, Compressor, action_bits, doubling_grid, reference_bits
 from .model import (ARCHS, ClientModel, Head, LowRankEmbedding, SlicedEmbedding, score,
                     score_all_items)
+from .profiles import cluster_flops, load_profile, train_flops
 from .tiers import assign_tiers, parse_tiers, tier_specs
 
 METHODS = ("fair", "fedavg-full", "exclusion", "fedhm", "heterofl", "fair-inconsistent")
+# Methods whose item tables are dense or hashed arrays, the views a compressor encodes.
+COMPRESSIBLE = ("fair", "fair-inconsistent", "fedavg-full", "exclusion")
 OPTIMIZERS = ("adam", "sgd")
 OPTIMIZER_STATES = ("fresh", "persistent")
 LOSSES = ("bpr", "bce")
 ASSIGNMENTS = ("random", "activity")
+AGGREGATIONS = ("model", "delta")
 BYTES_PER_PARAM = 4  # float32 on the wire
 INIT_STD = 0.01
 # Seeds of the inconsistent ablation: far from the shared seed so no device reuses it.
 INCONSISTENT_SEED_BASE = 1 << 20
 CHECKPOINT_FORMAT = 1
+# Device classes are drawn from their own stream so a profile does not change which clients train.
+PROFILE_SEED = 7919
 
 
 @dataclasses.dataclass
@@ -79,6 +86,25 @@ class Config:
     ``optimizer_state``: ``"fresh"`` gives a client a new optimizer every round (the reference
     code), ``"persistent"`` keeps each client's optimizer state on the client across rounds.
     ``dropout``: probability that a sampled client never returns its update.
+    ``aggregation``: ``"model"`` averages what the clients hold, expanded (the FAIR reference
+    code: ``W <- sum_c p_c expand_c(w_c)``); ``"delta"`` averages what they changed,
+    ``W <- W + sum_c p_c (expand_c(w_c) - expand_c(w_c^0))`` with ``w_c^0`` the download, so the
+    part of ``W`` a small view cannot represent is kept instead of being replaced by its
+    projection every round. The two agree for dense views and HeteroFL's column slices.
+    ``reg``: L2 weight on the embeddings a batch uses: ``reg * sum ||row||^2 / batch`` over the
+    looked-up item rows and the user vectors is added to the loss.
+
+    Upload compression (``fastfair.fl.compress``): ``compressor`` encodes each item-table update
+    ``G = V_local - V_downloaded`` (``"none"`` uploads the tables as they are). ``ratio`` > 0 is
+    a payload budget per table, as a fraction of uploading the whole table as float32.
+    ``actions``: a fixed K (``"16"``) or ``"adaptive"``: the largest K on the doubling grid up to
+    ``max_actions`` whose payload fits ``ratio`` and whose simulated round time fits the
+    ``profile``'s deadline (``deadline`` > 0 overrides it); with ``error_bound`` > 0, the smallest
+    of those whose relative reconstruction error is at most the bound. No K meeting the deadline
+    falls back to K = 1 and the client is counted late. ``profile`` (a name in
+    ``fastfair.fl.profiles.PROFILES`` or a JSON file) also gives every round its simulated time.
+    ``server_lr``: the server moves ``eta`` of the way to the aggregate,
+    ``W <- W + eta (aggregate - W)``.
     """
 
     method: str = "fair"
@@ -95,17 +121,29 @@ class Config:
     optimizer_state: str = "fresh"
     loss: str = "bpr"
     negatives: int = 1
+    reg: float = 0.0
     chunk_size: int = 1
     dropout: float = 0.0
+    aggregation: str = "model"
     seed: int = 0
     eval_every: int = 5
     ks: tuple = (10,)
+    compressor: str = "none"
+    ratio: float = 0.0
+    actions: str = "adaptive"
+    max_actions: int = 256
+    spherical: bool = False
+    kmeans_iters: int = 20
+    error_bound: float = 0.0
+    profile: str = ""
+    deadline: float = 0.0
+    server_lr: float = 1.0
 
     def check(self, data: InteractionData) -> None:
         """A clear ValueError for the first bad setting."""
         for name, allowed in (("method", METHODS), ("arch", ARCHS), ("optimizer", OPTIMIZERS),
                               ("optimizer_state", OPTIMIZER_STATES), ("loss", LOSSES),
-                              ("assignment", ASSIGNMENTS)):
+                              ("assignment", ASSIGNMENTS), ("aggregation", AGGREGATIONS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         for name in ("dim", "clients_per_round", "rounds", "local_epochs", "batch_size",
@@ -117,14 +155,62 @@ class Config:
             raise ValueError(f"seed must be a non-negative int, got {self.seed!r}")
         if not (isinstance(self.lr, (int, float)) and self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"lr must be a positive number, got {self.lr!r}")
+        if isinstance(self.reg, bool) or not (isinstance(self.reg, (int, float))
+                                              and math.isfinite(self.reg) and self.reg >= 0):
+            raise ValueError(f"reg must be a number >= 0, got {self.reg!r}")
         if not (isinstance(self.dropout, (int, float)) and 0 <= self.dropout < 1):
             raise ValueError(f"dropout must be a probability in [0, 1), got {self.dropout!r}")
         ks = self.ks if isinstance(self.ks, (tuple, list)) else (self.ks,)
         if not ks or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in ks):
             raise ValueError(f"ks must be positive ints, got {self.ks!r}")
+        self._check_compression()
         if self.clients_per_round > data.num_users:
             raise ValueError(f"clients_per_round={self.clients_per_round} is larger than the "
                              f"number of clients ({data.num_users} users)")
+
+
+    def _check_compression(self) -> None:
+        if self.compressor not in COMPRESSORS:
+            raise ValueError(f"compressor must be one of {COMPRESSORS}, got {self.compressor!r}")
+        if self.compressor != "none" and self.method not in COMPRESSIBLE:
+            raise ValueError(f"compressor {self.compressor!r} applies to methods "
+                             f"{', '.join(COMPRESSIBLE)}, not {self.method!r}")
+        for name in ("ratio", "error_bound"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                    or not 0 <= value < 1:
+                raise ValueError(f"{name} must be in [0, 1), got {value!r}")
+        for name in ("max_actions", "kmeans_iters"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if not isinstance(self.spherical, bool):
+            raise ValueError(f"spherical must be a bool, got {self.spherical!r}")
+        if not (isinstance(self.deadline, (int, float)) and math.isfinite(self.deadline)
+                and self.deadline >= 0):
+            raise ValueError(f"deadline must be a number of seconds >= 0, got {self.deadline!r}")
+        if not (isinstance(self.server_lr, (int, float)) and math.isfinite(self.server_lr)
+                and self.server_lr > 0):
+            raise ValueError(f"server_lr must be a positive number, got {self.server_lr!r}")
+        if self.profile:
+            load_profile(self.profile)
+        elif self.deadline:
+            raise ValueError("deadline needs a profile (devices' compute and bandwidth)")
+        k = self.fixed_actions()
+        if self.compressor == "actions" and k is None and not (self.ratio or self.profile):
+            raise ValueError("actions='adaptive' needs a payload budget (ratio) or a profile "
+                             "(deadline); or give a fixed K")
+        if k is not None and self.error_bound:
+            raise ValueError("error_bound chooses K: it needs actions='adaptive'")
+
+    def fixed_actions(self) -> Optional[int]:
+        """The fixed K of ``actions``, or None when it is ``"adaptive"``."""
+        text = str(self.actions).strip()
+        if text == "adaptive":
+            return None
+        if not text.isdigit() or int(text) < 1:
+            raise ValueError(f"actions must be a positive int or 'adaptive', got {self.actions!r}")
+        return int(text)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -197,6 +283,15 @@ class FederatedRunner:
         self._svd: dict = {}
         self.round_index = 0
         self.totals = {"bytes_down": 0, "bytes_up": 0, "dropped": 0, "rejected": 0}
+        self.compressor = None
+        if config.compressor != "none":
+            self.compressor = Compressor(config.compressor, actions=config.fixed_actions(),
+                                         max_actions=config.max_actions,
+                                         spherical=config.spherical, iters=config.kmeans_iters)
+        self.profile = load_profile(config.profile) if config.profile else None
+        self.device_class = (None if self.profile is None else
+                             self.profile.assign(data.num_users, config.seed + PROFILE_SEED))
+        self.deadline = config.deadline or (self.profile.deadline if self.profile else 0.0)
 
     def _table_names(self) -> tuple:
         return ("gmf",) if self.cfg.arch == "mf" else ("gmf", "mlp")
@@ -357,7 +452,9 @@ class FederatedRunner:
                 q = negs[start:start + cfg.batch_size]
                 # One lookup per table for positives and negatives together: each table's
                 # backward (a zero-filled gradient of the whole array) then runs once per step.
-                scores = model(torch.cat([p[:, None], q], 1))
+                scores = model(torch.cat([p[:, None], q], 1), with_sqnorm=bool(cfg.reg))
+                if cfg.reg:
+                    scores, sqnorm = scores
                 s_pos, s_neg = scores[:, 0], scores[:, 1:]
                 if cfg.loss == "bpr":
                     loss = -F.logsigmoid(s_pos[:, None] - s_neg).mean()
@@ -365,6 +462,8 @@ class FederatedRunner:
                     loss = (F.binary_cross_entropy_with_logits(s_pos, torch.ones_like(s_pos))
                             * p.numel() + F.binary_cross_entropy_with_logits(
                                 s_neg, torch.zeros_like(s_neg)) * q.numel()) / (p.numel() + q.numel())
+                if cfg.reg:
+                    loss = loss + cfg.reg * sqnorm / p.numel()
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -377,6 +476,94 @@ class FederatedRunner:
     def upload(self, client: int, model: ClientModel, view: ClientView) -> dict:
         """What the client sends: every shared parameter (never its user vectors)."""
         return {k: v.detach() for k, v in model.named_parameters() if not k.startswith("user_")}
+
+    # ------------------------------------------------------------------ compressed uploads
+    def _deltas(self, update: dict, start: dict) -> dict:
+        """Each item table's update ``V_local - V_downloaded`` as rows of ``d`` (a hashed
+        array cut into rows, zero-padded)."""
+        d, out = self.cfg.dim, {}
+        for name in self._table_names():
+            key = f"item_{name}.weight"
+            flat = (update[key] - start[key]).reshape(-1)
+            rows = -(-flat.numel() // d)
+            out[key] = F.pad(flat, (0, rows * d - flat.numel())).view(rows, d)
+        return out
+
+    def _head_bits(self) -> int:
+        return 0 if self.head is None else 8 * BYTES_PER_PARAM * sum(
+            p.numel() for p in self.head.parameters())
+
+    def _candidates(self, client: int, view: ClientView, deltas: dict, budgets: dict) -> tuple:
+        """The K values the adaptive rule allows for this client, ascending, and whether the
+        client is late (no K fits; it falls back to K = 1)."""
+        grid = doubling_grid(self.cfg.max_actions)
+        touched = {key: int((g != 0).any(1).sum()) for key, g in deltas.items()}
+
+        def bits(k):
+            return {key: action_bits(k, touched[key], *g.shape, self.cfg.spherical)[0]
+                    for key, g in deltas.items()}
+
+        ok = [k for k in grid if all(budgets[key] is None or b <= budgets[key]
+                                     for key, b in bits(k).items())]
+        if self.profile is not None:
+            fits = []
+            for k in ok:
+                sent = {"bits": sum(bits(k).values()) + self._head_bits(), "actions": k,
+                        "touched": sum(touched.values())}
+                if self._simulate(client, self.payload_bytes(view),
+                                  sent)["seconds"] <= self.deadline:
+                    fits.append(k)
+            ok = fits
+        return (ok, False) if ok else ([grid[0]], True)
+
+    def compress(self, client: int, update: dict, start: dict, view: ClientView) -> tuple:
+        """Encode the item-table updates with the configured compressor and rebuild what the
+        server receives: ``start + G_hat`` per table, the head as uploaded. Returns that update
+        and the payload's accounting (exact bits, packed and int32; K; error)."""
+        cfg = self.cfg
+        deltas = self._deltas(update, start)
+        budgets = {key: max(1, int(cfg.ratio * reference_bits(*g.shape))) if cfg.ratio else None
+                   for key, g in deltas.items()}
+        late, choices = False, [None]
+        if self.compressor.kind == "actions" and cfg.fixed_actions() is None:
+            choices, late = self._candidates(client, view, deltas, budgets)
+            if not cfg.error_bound:
+                choices = choices[-1:]
+        # Distinct per client, round and table, and independent of the runner's generator.
+        seed = ((cfg.seed * 1_000_003 + self.round_index) * 1_000_003 + client) * 4
+        for i, k in enumerate(choices):
+            encoded = {key: self.compressor.encode(g, budget=budgets[key], k=k, seed=seed + j)
+                       for j, (key, g) in enumerate(deltas.items())}
+            err = max(e.error for e in encoded.values())
+            if not cfg.error_bound or err <= cfg.error_bound or i == len(choices) - 1:
+                break
+        received = dict(update)
+        for key, enc in encoded.items():
+            flat = self.compressor.decode(enc).reshape(-1)[:start[key].numel()]
+            received[key] = start[key] + flat.view_as(start[key])
+        head = self._head_bits()
+        item_bits = sum(e.bits for e in encoded.values())
+        return received, {
+            "bits": item_bits + head,
+            "bits_int32": sum(e.bits_int32 for e in encoded.values()) + head,
+            "item_bits": item_bits,
+            "item_reference_bits": sum(reference_bits(*g.shape) for g in deltas.values()),
+            "actions": max(e.size for e in encoded.values()) if self.compressor.kind == "actions"
+            else 0,
+            "touched": sum(int((g != 0).any(1).sum()) for g in deltas.values()),
+            "error": err, "late": late}
+
+    def _simulate(self, client: int, nbytes: int, sent: dict) -> dict:
+        """The client's simulated round time under the profile (see ``fastfair.fl.profiles``)."""
+        cfg = self.cfg
+        device = self.profile.classes[int(self.device_class[client])]
+        flops = train_flops(cfg.arch, cfg.dim, int(self.data.user_items(client).numel()),
+                            cfg.local_epochs, cfg.negatives)
+        if sent.get("actions"):
+            flops += cluster_flops(sent["touched"], sent["actions"], cfg.dim, cfg.kmeans_iters)
+        seconds = device.seconds(8 * nbytes, flops, sent["bits"])
+        return {"seconds": seconds,
+                "late": bool(sent.get("late")) or seconds > self.deadline}
 
     def check_update(self, update, view: ClientView) -> Optional[str]:
         """Why ``update`` must be rejected, or None when it is well-formed and finite."""
@@ -401,6 +588,9 @@ class FederatedRunner:
         tables and head (see module doc)."""
         n, d = self.data.num_items, self.cfg.dim
         total = sum(w for _, _, w in uploads)
+        eta = self.cfg.server_lr
+        old = ({name: self.tables[name] for name in self._table_names()},
+               {k: v.clone() for k, v in self.head.state_dict().items()} if self.head else None)
         for name in self._table_names():
             key = f"item_{name}"
             acc = torch.zeros(n, d)
@@ -427,6 +617,9 @@ class FederatedRunner:
                 big = max((s for s in self.tier_specs[name] if s is not None),
                           key=lambda s: s.memory_size)
                 acc += expand_dense(aggregate(arrays, weights, big.memory_size), big)
+            if self.cfg.aggregation == "delta":
+                self._add_lost_part(name, acc, [(view.specs[name], w / total)
+                                                for _, view, w in uploads])
             if self.cfg.method == "heterofl":
                 held = column_weight > 0
                 acc[:, held] /= column_weight[held].float()
@@ -438,6 +631,29 @@ class FederatedRunner:
                 for k in state:
                     state[k] += (w / total) * update[f"head.{k}"]
             self.head.load_state_dict(state)
+        if eta != 1:
+            for name, before in old[0].items():
+                self.tables[name] = before.lerp(self.tables[name], eta)
+            if self.head is not None:
+                self.head.load_state_dict({k: v.lerp(self.head.state_dict()[k], eta)
+                                           for k, v in old[1].items()})
+
+    def _add_lost_part(self, name: str, acc: Tensor, views: list) -> None:
+        """Delta aggregation: ``acc += sum_c p_c (W - D_c)`` over the uploads whose view is
+        lossy (hashed or low rank), with ``D_c`` the table their download represents. Added to
+        the model average this gives ``W + sum_c p_c (expand_c(w_c) - D_c)``."""
+        weight: dict = {}
+        for spec, p in views:
+            if isinstance(spec, (HashSpec, LowRank)):
+                weight[spec] = weight.get(spec, 0.0) + p
+        table = self.tables[name]
+        for spec, p in weight.items():
+            if isinstance(spec, LowRank):
+                left, right = self._factors(name, spec.rank)
+                represented = left @ right
+            else:
+                represented = expand_dense(project_dense(table, spec, self.counts(spec)), spec)
+            acc.add_(table - represented, alpha=p)
 
     def run_round(self) -> dict:
         """One round; returns its statistics: clients sampled, returned, dropped and rejected
@@ -450,6 +666,7 @@ class FederatedRunner:
         drops = (torch.rand(len(clients), generator=self.gen) < self.cfg.dropout).tolist()
         uploads, losses, reasons = [], [], []
         per_tier: dict = {}
+        per_class: dict = {}
         for client, dropped in zip(clients, drops):
             view = self.view(client)
             nbytes = self.payload_bytes(view)
@@ -462,14 +679,29 @@ class FederatedRunner:
                 tier["dropped"] += 1
                 continue
             model = self.download(client, view)
+            start = ({k: v.detach().clone() for k, v in model.named_parameters()
+                      if k.startswith("item_")} if self.compressor is not None else None)
             losses.append(self.local_train(client, model, self.gen))
             with torch.no_grad():
                 self.user_vectors["gmf"][client] = model.user_gmf
                 if self.head is not None:
                     self.user_vectors["mlp"][client] = model.user_mlp
             update = self.upload(client, model, view)
-            tier["bytes_up"] += nbytes
             reason = self.check_update(update, view)
+            sent = {"bits": 8 * nbytes, "bits_int32": 8 * nbytes, "item_bits": None}
+            if reason is None and self.compressor is not None:
+                update, sent = self.compress(client, update, start, view)
+            if self.profile is not None:
+                sent.update(self._simulate(client, nbytes, sent))
+                _add_class_stats(per_class, self.profile.classes[
+                    int(self.device_class[client])].name, sent)
+            tier["bytes_up"] += -(-sent["bits"] // 8)
+            for key in ("bits", "bits_int32"):
+                tier[f"{key}_up"] = tier.get(f"{key}_up", 0) + sent[key]
+            if sent["item_bits"] is not None:
+                tier["item_bits_up"] = tier.get("item_bits_up", 0) + sent["item_bits"]
+                tier["item_reference_bits"] = (tier.get("item_reference_bits", 0)
+                                               + sent["item_reference_bits"])
             if reason is not None:
                 tier["rejected"] += 1
                 reasons.append(f"client {client}: {reason}")
@@ -486,8 +718,21 @@ class FederatedRunner:
                  "bytes_down": sum(t["bytes_down"] for t in per_tier.values()),
                  "bytes_up": sum(t["bytes_up"] for t in per_tier.values()),
                  "by_tier": per_tier}
+        for key in ("bits_up", "bits_int32_up", "item_bits_up", "item_reference_bits"):
+            if any(key in t for t in per_tier.values()):
+                stats[key] = sum(t.get(key, 0) for t in per_tier.values())
+        if "item_bits_up" in stats:
+            stats["upload_ratio"] = stats["item_bits_up"] / max(stats["item_reference_bits"], 1)
+        if self.profile is not None:
+            stats["by_class"] = _finish_class_stats(per_class)
+            stats["sim_seconds"] = max((c["seconds_max"] for c in stats["by_class"].values()),
+                                       default=0.0)
+            stats["late"] = sum(c["late"] for c in stats["by_class"].values())
         for key in ("bytes_down", "bytes_up", "dropped", "rejected"):
             self.totals[key] += stats[key]
+        for key in ("bits_up", "bits_int32_up", "item_bits_up", "item_reference_bits", "late"):
+            if key in stats:
+                self.totals[key] = self.totals.get(key, 0) + stats[key]
         stats["seconds"] = time.perf_counter() - t0
         return stats
 
@@ -576,6 +821,25 @@ class FederatedRunner:
         runner = cls(data, Config(**config))
         runner.load_state_dict(state)
         return runner
+
+
+def _add_class_stats(per_class: dict, name: str, sent: dict) -> None:
+    c = per_class.setdefault(name, {"clients": 0, "late": 0, "seconds": [], "actions": []})
+    c["clients"] += 1
+    c["late"] += int(sent["late"])
+    c["seconds"].append(sent["seconds"])
+    if sent.get("actions"):
+        c["actions"].append(sent["actions"])
+
+
+def _finish_class_stats(per_class: dict) -> dict:
+    """Per device class: clients, late clients, mean and max simulated seconds, mean K."""
+    return {name: {"clients": c["clients"], "late": c["late"],
+                   "seconds_mean": sum(c["seconds"]) / len(c["seconds"]),
+                   "seconds_max": max(c["seconds"]),
+                   "actions_mean": (sum(c["actions"]) / len(c["actions"])
+                                    if c["actions"] else None)}
+            for name, c in per_class.items()}
 
 
 class _Excluded:
