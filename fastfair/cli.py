@@ -242,26 +242,26 @@ def _key(record: dict) -> tuple:
     return record["method"], record["tiers"], record.get("compressor", "none")
 
 
+def _choices(flag: str, text: str, allowed: tuple, what: str) -> list:
+    """A comma-separated list of ``allowed`` names, in order, without repeats."""
+    chosen = list(dict.fromkeys(c.strip() for c in text.split(",") if c.strip()))
+    unknown = [c for c in chosen if c not in allowed]
+    if unknown or not chosen:
+        raise ValueError(f"{flag}: unknown {what}(s) {unknown or [text]}; choose from "
+                         f"{', '.join(allowed)}")
+    return chosen
+
+
 def _methods(args) -> list:
     if args.command == "train":
         return [args.method]
-    methods = list(dict.fromkeys(m.strip() for m in args.methods.split(",") if m.strip()))
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown or not methods:
-        raise ValueError(f"--methods: unknown method(s) {unknown or [args.methods]}; choose from "
-                         f"{', '.join(METHODS)}")
-    return methods
+    return _choices("--methods", args.methods, METHODS, "method")
 
 
 def _compressors(args) -> list:
     if args.command == "train":
         return [args.compressor]
-    chosen = list(dict.fromkeys(c.strip() for c in args.compressors.split(",") if c.strip()))
-    unknown = [c for c in chosen if c not in COMPRESSORS]
-    if unknown or not chosen:
-        raise ValueError(f"--compressors: unknown compressor(s) {unknown or [args.compressors]};"
-                         f" choose from {', '.join(COMPRESSORS)}")
-    return chosen
+    return _choices("--compressors", args.compressors, COMPRESSORS, "compressor")
 
 
 def _tier_mixes(args) -> list:

@@ -350,10 +350,14 @@ def _state_equal(a, b):
     return a == b
 
 
-@pytest.mark.parametrize("method", ["fair", "fedhm", "heterofl", "fair-inconsistent"])
-def test_resume_continues_bit_identically(data, method, tmp_path):
+@pytest.mark.parametrize("method,extra", [
+    ("fair", {}), ("fedhm", {}), ("heterofl", {}), ("fair-inconsistent", {}),
+    # compressed uploads: k-means seeds, adaptive K and device classes must resume too
+    ("fair", dict(compressor="actions", ratio=1 / 8, spherical=True, profile="mobile",
+                  aggregation="delta"))])
+def test_resume_continues_bit_identically(data, method, extra, tmp_path):
     cfg = _cfg(method=method, tiers="2:0-1-2", dropout=0.3, optimizer_state="persistent",
-               clients_per_round=10)
+               clients_per_round=10, **extra)
     straight = FederatedRunner(data, cfg)
     for _ in range(4):
         straight.run_round()
