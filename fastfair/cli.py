@@ -485,7 +485,8 @@ def _record(cfg: Config, totals: dict, stats: dict, metrics: dict, eval_seconds:
         **{k: stats[k] for k in ("upload_ratio", "bits_up", "bits_int32_up", "sim_seconds",
                                  "late", "by_class") if k in stats},
         **{f"{k}_total": totals[k] for k in ("bits_up", "bits_int32_up", "item_bits_up",
-                                             "item_reference_bits", "late") if k in totals},
+                                             "item_bits_int32_up", "item_reference_bits",
+                                             "late") if k in totals},
         "seconds": stats["seconds"], "eval_seconds": eval_seconds,
     })
 

@@ -204,6 +204,9 @@ def test_compressed_round_counts_exact_bits(data):
     assert s["bits_up"] / 8 <= s["bytes_up"] < s["bits_up"] / 8 + s["returned"]
     assert s["bits_up"] < 8 * runner.payload_bytes(runner.view(0)) * s["returned"]
     assert s["item_bits_up"] <= s["item_reference_bits"] / 16
+    # int32 indices cost more than bit-packed ones, by the same head bits on both sides
+    assert s["item_bits_int32_up"] > s["item_bits_up"]
+    assert s["bits_int32_up"] - s["item_bits_int32_up"] == s["bits_up"] - s["item_bits_up"]
     assert runner.totals["bits_up"] == s["bits_up"]
 
 

@@ -547,6 +547,7 @@ class FederatedRunner:
             "bits": item_bits + head,
             "bits_int32": sum(e.bits_int32 for e in encoded.values()) + head,
             "item_bits": item_bits,
+            "item_bits_int32": sum(e.bits_int32 for e in encoded.values()),
             "item_reference_bits": sum(reference_bits(*g.shape) for g in deltas.values()),
             "actions": max(e.size for e in encoded.values()) if self.compressor.kind == "actions"
             else 0,
@@ -700,6 +701,8 @@ class FederatedRunner:
                 tier[f"{key}_up"] = tier.get(f"{key}_up", 0) + sent[key]
             if sent["item_bits"] is not None:
                 tier["item_bits_up"] = tier.get("item_bits_up", 0) + sent["item_bits"]
+                tier["item_bits_int32_up"] = (tier.get("item_bits_int32_up", 0)
+                                              + sent["item_bits_int32"])
                 tier["item_reference_bits"] = (tier.get("item_reference_bits", 0)
                                                + sent["item_reference_bits"])
             if reason is not None:
@@ -718,7 +721,8 @@ class FederatedRunner:
                  "bytes_down": sum(t["bytes_down"] for t in per_tier.values()),
                  "bytes_up": sum(t["bytes_up"] for t in per_tier.values()),
                  "by_tier": per_tier}
-        for key in ("bits_up", "bits_int32_up", "item_bits_up", "item_reference_bits"):
+        for key in ("bits_up", "bits_int32_up", "item_bits_up", "item_bits_int32_up",
+                    "item_reference_bits"):
             if any(key in t for t in per_tier.values()):
                 stats[key] = sum(t.get(key, 0) for t in per_tier.values())
         if "item_bits_up" in stats:
@@ -730,7 +734,8 @@ class FederatedRunner:
             stats["late"] = sum(c["late"] for c in stats["by_class"].values())
         for key in ("bytes_down", "bytes_up", "dropped", "rejected"):
             self.totals[key] += stats[key]
-        for key in ("bits_up", "bits_int32_up", "item_bits_up", "item_reference_bits", "late"):
+        for key in ("bits_up", "bits_int32_up", "item_bits_up", "item_bits_int32_up",
+                    "item_reference_bits", "late"):
             if key in stats:
                 self.totals[key] = self.totals.get(key, 0) + stats[key]
         stats["seconds"] = time.perf_counter() - t0
