@@ -77,8 +77,9 @@ _HELP = {
     "loss": "training loss",
     "negatives": "uniform negatives per positive, redrawn every epoch",
     "reg": "L2 weight on the embeddings each batch uses",
-    "aggregation": "average what clients hold (model, the reference rule) or what they "
-                   "changed (delta)",
+    "aggregation": "average what clients hold (model, the reference rule), what they changed "
+                   "(delta), or each item's change over the clients that changed it "
+                   "(item-mean, dense views only)",
     "chunk_size": "hash chunk size Z (contiguous elements per hash)",
     "dropout": "probability that a sampled client never returns its update",
     "seed": "seed of the runner (initialisation, tiers, hashes, sampling)",
@@ -203,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--tiers", action="append", metavar="SPEC",
                          help="a tier mix, repeatable "
                               f"(default: {' '.join(COMPARE_TIERS)})")
-    compare.add_argument("--compressors", default="none", metavar="LIST",
+    compare.add_argument("--compressors", "--compressor", default="none", metavar="LIST",
                          help=f"comma-separated upload compressors among "
                               f"{','.join(COMPRESSORS)}, each run with every method and tier "
                               "mix (default: %(default)s)")

@@ -281,3 +281,14 @@ def test_engine_flower_refuses_resume(capsys, tmp_path):
     line = _error(capsys, ["train", *TINY, "--engine", "flower", "--resume", "--out",
                            tmp_path / "o"])
     assert "cannot --resume" in line
+
+
+def test_compare_adaptive_actions_under_a_profile(tmp_path):
+    out = tmp_path / "a"
+    argv = ["compare", *TINY, "--rounds", "1", "--tiers", "1:1", "--methods", "fedavg-full",
+            "--compressor", "actions", "--actions", "adaptive", "--profile", "mobile",
+            "--aggregation", "item-mean", "--out", out]
+    assert cli.main([str(a) for a in argv]) == 0
+    (record,) = _records(out)
+    assert record["compressor"] == "actions" and record["sim_seconds"] > 0
+    assert all(c["actions_mean"] >= 1 for c in record["by_class"].values())

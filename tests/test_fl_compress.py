@@ -279,3 +279,23 @@ def test_nan_update_is_rejected_before_compression(data, monkeypatch):
 def test_config_rejects_bad_compression_settings(data, kwargs, match):
     with pytest.raises(ValueError, match=match):
         Config(tiers="2:0-3", **kwargs).check(data)
+
+
+def test_item_mean_moves_each_row_by_its_mean_change_over_the_clients_that_changed_it(data):
+    runner = FederatedRunner(data, Config(method="fedavg-full", tiers="1:1", clients_per_round=6,
+                                          dim=4, rounds=1, seed=5, aggregation="item-mean",
+                                          compressor="actions", actions="8"))
+    before = {name: t.clone() for name, t in runner.tables.items()}
+    seen = []
+    real = runner._aggregate
+    runner._aggregate = lambda uploads: (seen.append(uploads), real(uploads))
+    runner.run_round()
+    for name, table in before.items():
+        changes = torch.stack([u[f"item_{name}.weight"] - table for u, _, _ in seen[0]]).double()
+        touched = (changes != 0).any(2)
+        assert touched.sum(0).max() >= 2, "some row must be changed by several clients"
+        mean = changes.sum(0) / touched.sum(0).clamp_min(1)[:, None]
+        torch.testing.assert_close(runner.tables[name].double(), table.double() + mean,
+                                   rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match="item-mean"):
+        Config(method="fair", tiers="2:0-3", aggregation="item-mean").check(data)

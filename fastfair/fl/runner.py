@@ -69,7 +69,10 @@ OPTIMIZERS = ("adam", "sgd")
 OPTIMIZER_STATES = ("fresh", "persistent")
 LOSSES = ("bpr", "bce")
 ASSIGNMENTS = ("random", "activity")
-AGGREGATIONS = ("model", "delta")
+AGGREGATIONS = ("model", "delta", "item-mean")
+# item-mean averages each item's row over the devices that changed it: rows must be the same
+# rows on every device, i.e. every view dense.
+ITEM_MEAN_METHODS = ("fedavg-full", "exclusion")
 BYTES_PER_PARAM = 4  # float32 on the wire
 INIT_STD = 0.01
 # Seeds of the inconsistent ablation: far from the shared seed so no device reuses it.
@@ -91,6 +94,10 @@ class Config:
     ``W <- W + sum_c p_c (expand_c(w_c) - expand_c(w_c^0))`` with ``w_c^0`` the download, so the
     part of ``W`` a small view cannot represent is kept instead of being replaced by its
     projection every round. The two agree for dense views and HeteroFL's column slices.
+    ``"item-mean"`` (dense views only: ``fedavg-full``, ``exclusion``) moves each item's rows by
+    the mean change over the devices that changed that row, ``W[i] <- W[i] + mean_{c: G_c[i] !=
+    0} G_c[i]``, instead of a data-size weighted mean in which devices that never saw the item
+    count as zero change; the head keeps data-size weights.
     ``reg``: L2 weight on the embeddings a batch uses: ``reg * sum ||row||^2 / batch`` over the
     looked-up item rows and the user vectors is added to the loss.
 
@@ -164,6 +171,9 @@ class Config:
         if not ks or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in ks):
             raise ValueError(f"ks must be positive ints, got {self.ks!r}")
         self._check_compression()
+        if self.aggregation == "item-mean" and self.method not in ITEM_MEAN_METHODS:
+            raise ValueError(f"aggregation 'item-mean' needs every view dense (methods "
+                             f"{', '.join(ITEM_MEAN_METHODS)}), not method {self.method!r}")
         if self.clients_per_round > data.num_users:
             raise ValueError(f"clients_per_round={self.clients_per_round} is larger than the "
                              f"number of clients ({data.num_users} users)")
@@ -594,6 +604,10 @@ class FederatedRunner:
                {k: v.clone() for k, v in self.head.state_dict().items()} if self.head else None)
         for name in self._table_names():
             key = f"item_{name}"
+            if self.cfg.aggregation == "item-mean":
+                self.tables[name] = _item_mean(self.tables[name],
+                                               [u[f"{key}.weight"] for u, _, _ in uploads])
+                continue
             acc = torch.zeros(n, d)
             column_weight = torch.zeros(d, dtype=torch.float64)
             arrays, weights = [], []  # consistent hashed uploads, summed at the largest size
@@ -826,6 +840,18 @@ class FederatedRunner:
         runner = cls(data, Config(**config))
         runner.load_state_dict(state)
         return runner
+
+
+def _item_mean(table: Tensor, uploads: list) -> Tensor:
+    """``W[i] + mean`` of the nonzero changes ``U_c[i] - W[i]`` over the uploads (rows no upload
+    changed stay)."""
+    change = torch.zeros_like(table)
+    count = torch.zeros(table.shape[0], 1)
+    for upload in uploads:
+        diff = upload - table
+        change += diff
+        count += (diff != 0).any(1, keepdim=True)
+    return table + change / count.clamp_min(1)
 
 
 def _add_class_stats(per_class: dict, name: str, sent: dict) -> None:
