@@ -54,6 +54,7 @@ from torch import Tensor, nn
 from .. import aggregate, expand_dense, project_dense, slot_counts
 from ..kernels.functional import HashSpec
 from ..nn import HashedEmbedding
+from ..optim import DeferredAdam
 from . import metrics
 from .data import InteractionData
 from .compress import COMPRESSORS, Compressor, action_bits, doubling_grid, reference_bits
@@ -405,12 +406,14 @@ class FederatedRunner:
         """The device's model: its view of each global table, the head, and the client's own
         private user vectors."""
         n, d = self.data.num_items, self.cfg.dim
+        # Adam's item tables get sparse gradients for DeferredAdam (see local_train).
+        sparse = self.cfg.optimizer == "adam"
 
         def make_table(name):
             spec = view.specs[name]
             table = self.tables[name]
             if spec is None:
-                return nn.Embedding.from_pretrained(table.clone(), freeze=False)
+                return nn.Embedding.from_pretrained(table.clone(), freeze=False, sparse=sparse)
             if isinstance(spec, LowRank):
                 module = LowRankEmbedding(n, d, spec.rank)
                 left, right = self._factors(name, spec.rank)
@@ -425,7 +428,7 @@ class FederatedRunner:
                 return module
             module = HashedEmbedding(n, d, memory_size=spec.memory_size,
                                      chunk_size=spec.chunk_size, seed=spec.seed,
-                                     signed=spec.signed)
+                                     signed=spec.signed, sparse=sparse)
             with torch.no_grad():
                 module.weight.copy_(project_dense(table, spec, self.counts(spec)))
             return module
@@ -444,13 +447,11 @@ class FederatedRunner:
         loss of the last epoch."""
         cfg = self.cfg
         pos = self.data.user_items(client)
-        opt_cls = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.SGD
-        # The fused kernels update every parameter in one pass: a device's dense (or hashed)
-        # table is updated whole each step, which the per-tensor loop made the bottleneck.
-        opt = opt_cls(model.parameters(), lr=cfg.lr, fused=True)
+        opts = _optimizers(model, cfg.optimizer, cfg.lr)
         persistent = cfg.optimizer_state == "persistent"
         if persistent and client in self.optimizer_states:
-            opt.load_state_dict(self.optimizer_states[client])
+            for opt, state in zip(opts, self.optimizer_states[client]):
+                opt.load_state_dict(state)
         last = 0.0
         for _ in range(cfg.local_epochs):
             order = pos[torch.randperm(pos.numel(), generator=gen)]
@@ -474,13 +475,18 @@ class FederatedRunner:
                                 s_neg, torch.zeros_like(s_neg)) * q.numel()) / (p.numel() + q.numel())
                 if cfg.reg:
                     loss = loss + cfg.reg * sqnorm / p.numel()
-                opt.zero_grad(set_to_none=True)
+                for opt in opts:
+                    opt.zero_grad(set_to_none=True)
                 loss.backward()
-                opt.step()
+                for opt in opts:
+                    opt.step()
                 total += float(loss.detach()) * p.numel()
             last = total / max(pos.numel(), 1)
+        for opt in opts:
+            if isinstance(opt, DeferredAdam):
+                opt.flush()
         if persistent:
-            self.optimizer_states[client] = opt.state_dict()
+            self.optimizer_states[client] = [opt.state_dict() for opt in opts]
         return last
 
     def upload(self, client: int, model: ClientModel, view: ClientView) -> dict:
@@ -840,6 +846,20 @@ class FederatedRunner:
         runner = cls(data, Config(**config))
         runner.load_state_dict(state)
         return runner
+
+
+def _optimizers(model: nn.Module, kind: str, lr: float) -> list:
+    """The client's optimizers. Adam: the item tables (sparse gradients) step with
+    ``DeferredAdam``, which equals Adam but touches only the rows a batch used, the rest with
+    fused Adam; a dense Adam step rewrites every entry of a device's table, which made it the
+    bulk of a round. SGD: one fused SGD."""
+    if kind == "sgd":
+        return [torch.optim.SGD(model.parameters(), lr=lr, fused=True)]
+    tables = [m.weight for m in model.modules() if getattr(m, "sparse", False)]
+    ids = {id(p) for p in tables}
+    rest = [p for p in model.parameters() if id(p) not in ids]
+    return ([DeferredAdam(tables, lr=lr)] if tables else []) + \
+        [torch.optim.Adam(rest, lr=lr, fused=True)]
 
 
 def _item_mean(table: Tensor, uploads: list) -> Tensor:

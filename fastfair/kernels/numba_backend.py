@@ -1047,3 +1047,72 @@ def kmeans_rebuild_add_(out, rows, centroids, labels, scales, weight):
     _kmeans_rebuild_add(_serial(rows.numel() * o.shape[1]), o, rows.detach().numpy(),
                         centroids.detach().numpy(), labels.detach().numpy(), s, w)
     return out
+
+
+# ---------------------------------------------------------------- deferred Adam (fastfair.optim)
+@_parallel
+def _deferred_adam(p, m, v, last, rows, g, has_grad, upto, step_size, inv_bc2, b1, b2, eps):
+    for r in prange(rows.size):
+        i = rows[r]
+        # A row never used has zero moments: its missed steps move nothing.
+        start = last[i] if last[i] > 0 else upto
+        for j in range(p.shape[1]):
+            mm, vv, pp = m[i, j], v[i, j], p[i, j]
+            for k in range(start + 1, upto + 1):
+                mm *= b1
+                vv *= b2
+                pp -= step_size[k] * mm / (np.sqrt(vv) * inv_bc2[k] + eps)
+            if has_grad:
+                k = upto + 1
+                gg = g[r, j]
+                mm = b1 * mm + (1 - b1) * gg
+                vv = b2 * vv + (1 - b2) * gg * gg
+                pp -= step_size[k] * mm / (np.sqrt(vv) * inv_bc2[k] + eps)
+            m[i, j], v[i, j], p[i, j] = mm, vv, pp
+        last[i] = upto + 1 if has_grad else upto
+
+
+def deferred_adam(param, exp_avg, exp_avg_sq, last, rows, grad, upto, step_size, inv_bc2_sqrt,
+                  beta1, beta2, eps):
+    """See ``reference.deferred_adam``; rows are independent, so they run in parallel."""
+    if rows.numel() == 0:
+        return
+    w = param.shape[1]
+    g = grad if grad is not None else torch.zeros(1, w, dtype=param.dtype)
+    work = rows.numel() * w
+    _deferred_adam(_serial(work), param.numpy(), exp_avg.numpy(), exp_avg_sq.numpy(),
+                   last.numpy(), rows.numpy(), g.contiguous().numpy(), grad is not None, upto,
+                   step_size.numpy(), inv_bc2_sqrt.numpy(), float(beta1), float(beta2),
+                   float(eps))
+
+
+@njit(cache=True)
+def _coalesce_rows(rows, vals, pos, out_rows, out_vals):
+    count = 0
+    w = vals.shape[1]
+    for e in range(rows.size):
+        r = rows[e]
+        s = pos[r]
+        if s < 0:
+            s = count
+            pos[r] = s
+            out_rows[s] = r
+            for j in range(w):
+                out_vals[s, j] = vals[e, j]
+            count += 1
+        else:
+            for j in range(w):
+                out_vals[s, j] += vals[e, j]
+    for s in range(count):
+        pos[out_rows[s]] = -1
+    return count
+
+
+def coalesce_rows(rows, values, pos):
+    """The rows of an uncoalesced sparse gradient made unique, their values summed in entry
+    order (deterministic); ``pos`` [R] is all -1 scratch, left all -1. One pass, no sort."""
+    out_rows = torch.empty_like(rows)
+    out_vals = torch.empty_like(values)
+    count = _coalesce_rows(rows.numpy(), values.numpy(), pos.numpy(), out_rows.numpy(),
+                           out_vals.numpy())
+    return out_rows[:count], out_vals[:count]

@@ -242,3 +242,38 @@ def seed_loop(x, first, uniforms, plusplus, nearest_):
         i = int(torch.searchsorted(cum, target, right=True))
         chosen.append(i if i < n else int(torch.nonzero(w)[-1, 0]))
     return torch.tensor(chosen, dtype=torch.int64, device=x.device), labels, d2
+
+
+# ---------------------------------------------------------------- deferred Adam (fastfair.optim)
+def deferred_adam(param, exp_avg, exp_avg_sq, last, rows, grad, upto, step_size, inv_bc2_sqrt,
+                  beta1, beta2, eps):
+    """Bring rows ``rows`` of ``[R, w]`` Adam state from their step ``last[r]`` to ``upto`` with
+    zero gradients, then (when ``grad`` [len(rows), w] is given) take step ``upto + 1`` with
+    ``grad``; ``last[rows]`` becomes the step reached. Per element and step ``k`` (torch's Adam)::
+
+        m <- b1 m + (1 - b1) g,  v <- b2 v + (1 - b2) g^2,
+        p <- p - step_size[k] m / (sqrt(v) inv_bc2_sqrt[k] + eps)
+
+    with ``step_size[k] = lr / (1 - b1^k)``, ``inv_bc2_sqrt[k] = 1 / sqrt(1 - b2^k)``. A row at
+    step 0 has never been used: its moments are zero and it is not replayed."""
+    if rows.numel() == 0:
+        return
+    p, m, v = param[rows], exp_avg[rows], exp_avg_sq[rows]
+    start = last[rows]
+    # A row never used (step 0) has zero moments: its missed steps move nothing.
+    start = torch.where(start > 0, start, upto)
+    for k in range(int(start.min()) + 1, upto + 1):
+        live = (start < k)[:, None]
+        m = torch.where(live, m * beta1, m)
+        v = torch.where(live, v * beta2, v)
+        denom = v.sqrt() * inv_bc2_sqrt[k] + eps
+        p = torch.where(live, p - step_size[k] * m / denom, p)
+    reached = upto
+    if grad is not None:
+        k = upto + 1
+        m = m * beta1 + (1 - beta1) * grad
+        v = v * beta2 + (1 - beta2) * grad * grad
+        p = p - step_size[k] * m / (v.sqrt() * inv_bc2_sqrt[k] + eps)
+        reached = k
+    param[rows], exp_avg[rows], exp_avg_sq[rows] = p, m, v
+    last[rows] = reached

@@ -1,0 +1,147 @@
+"""Optimizers for tables trained with sparse gradients.
+
+``DeferredAdam`` is ``torch.optim.Adam`` (no weight decay, no amsgrad) whose zero-gradient steps
+are deferred. Adam keeps moving an entry after its gradient stops (``m <- b1 m``, ``v <- b2 v``
+and an update every step), so a dense Adam step touches the whole table even when a batch used
+a few rows. Here a step touches only the rows in the (sparse) gradient: each row remembers the
+last step it reached, and the steps it missed are replayed, in order and with their own bias
+corrections, the next time the row is used or at ``flush()``. After ``flush()`` every parameter
+equals what ``torch.optim.Adam`` would hold after the same steps, up to float rounding (the
+kernels evaluate torch's formula, ``p -= lr / (1 - b1^k) * m / (sqrt(v) / sqrt(1 - b2^k) +
+eps)``, with the per-step constants in float64).
+
+A step costs ``O(rows used x (d + steps missed))`` instead of ``O(table)``. Parameters whose
+gradient is dense are treated as fully used (plain Adam). Give it the sparse-gradient tables
+(``torch.nn.Embedding(sparse=True)``, ``fastfair.nn.HashedEmbedding(sparse=True)``) and the rest
+of the model to ``torch.optim.Adam``; call ``flush()`` before reading or sending the tables.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .kernels import backends
+from .kernels import reference
+
+
+class DeferredAdam(torch.optim.Optimizer):
+    """Adam with deferred zero-gradient steps (see the module doc)."""
+
+    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
+                 backend: str = "auto"):
+        if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+            raise ValueError(f"lr must be a positive number, got {lr!r}")
+        if (not isinstance(betas, (tuple, list)) or len(betas) != 2
+                or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas)):
+            raise ValueError(f"betas must be two numbers in [0, 1), got {betas!r}")
+        if not (isinstance(eps, (int, float)) and eps >= 0):
+            raise ValueError(f"eps must be a number >= 0, got {eps!r}")
+        backends.check_name(backend)
+        super().__init__(params, dict(lr=float(lr), betas=tuple(map(float, betas)),
+                                      eps=float(eps), backend=backend))
+        self._scratch: dict = {}
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.dtype not in (torch.float32, torch.float64):
+                    raise TypeError(f"DeferredAdam needs float32 or float64 parameters, got "
+                                    f"{p.dtype}")
+
+    def _state(self, p):
+        state = self.state[p]
+        if not state:
+            rows = p.shape[0] if p.dim() else 1
+            state["step"] = 0
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+            state["last"] = torch.zeros(rows, dtype=torch.int64, device=p.device)
+        return state
+
+    @staticmethod
+    def _constants(group, upto: int, device, dtype=torch.float64):
+        b1, b2 = group["betas"]
+        k = torch.arange(upto + 1, dtype=torch.float64)
+        k[0] = 1  # index 0 is never used; keeps the division finite
+        step_size = group["lr"] / (1 - b1 ** k)
+        inv_bc2_sqrt = 1 / torch.sqrt(1 - b2 ** k)
+        return step_size.to(device, dtype), inv_bc2_sqrt.to(device, dtype)
+
+    @staticmethod
+    def _kernel(group, device):
+        mod = backends.resolve(group["backend"], device)
+        return getattr(mod, "deferred_adam", reference.deferred_adam)
+
+    def load_state_dict(self, state_dict) -> None:
+        super().load_state_dict(state_dict)
+        # torch casts every state tensor but "step" to the parameter's dtype; "last" counts steps.
+        for state in self.state.values():
+            if "last" in state:
+                state["last"] = state["last"].to(torch.int64)
+
+    def _sparse_rows(self, p, grad, state, mod):
+        """Unique rows of a sparse gradient and their summed values [rows, w]."""
+        if not grad.is_coalesced() and hasattr(mod, "coalesce_rows"):
+            values = grad._values()
+            values = values.reshape(values.shape[0], -1).contiguous()
+            # all -1 between calls; not optimizer state, so not in state_dict
+            scratch = self._scratch.get(p)
+            if scratch is None:
+                scratch = self._scratch[p] = torch.full_like(state["last"], -1)
+            return mod.coalesce_rows(grad._indices()[0].contiguous(), values, scratch)
+        grad = grad.coalesce()
+        values = grad.values()
+        return grad.indices()[0], values.reshape(values.shape[0], -1)
+
+    @staticmethod
+    def _rows(t):
+        return t.reshape(t.shape[0] if t.dim() else 1, -1)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            b1, b2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self._state(p)
+                t = state["step"]
+                grad = p.grad
+                kernel_mod = backends.resolve(group["backend"], p.device)
+                if grad.is_sparse:
+                    rows, values = self._sparse_rows(p, grad, state, kernel_mod)
+                else:
+                    rows = torch.arange(self._rows(p).shape[0], device=p.device)
+                    values = self._rows(grad)
+                if not bool(torch.isfinite(values).all()):
+                    raise ValueError("DeferredAdam: the gradient has NaN or Inf values")
+                step_size, inv = self._constants(group, t + 1, p.device)
+                getattr(kernel_mod, "deferred_adam", reference.deferred_adam)(
+                    self._rows(p.data), self._rows(state["exp_avg"]),
+                    self._rows(state["exp_avg_sq"]), state["last"], rows,
+                    values.to(p.dtype).contiguous(), t, step_size, inv, b1, b2, group["eps"])
+                state["step"] = t + 1
+        return loss
+
+    @torch.no_grad()
+    def flush(self) -> None:
+        """Replay every deferred step, so the parameters hold plain Adam's values."""
+        for group in self.param_groups:
+            b1, b2 = group["betas"]
+            for p in group["params"]:
+                state = self.state.get(p)
+                if not state:
+                    continue
+                t, last = state["step"], state["last"]
+                # Rows never used have zero moments: their deferred steps move nothing.
+                rows = torch.nonzero((last > 0) & (last < t)).flatten()
+                if rows.numel() == 0:
+                    continue
+                step_size, inv = self._constants(group, t, p.device)
+                self._kernel(group, p.device)(
+                    self._rows(p.data), self._rows(state["exp_avg"]),
+                    self._rows(state["exp_avg_sq"]), last, rows, None, t, step_size, inv,
+                    b1, b2, group["eps"])

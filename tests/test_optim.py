@@ -1,0 +1,136 @@
+"""DeferredAdam: torch's Adam at the cost of the rows a step uses."""
+import pytest
+import torch
+
+from fastfair.nn import HashedEmbedding
+from fastfair.optim import DeferredAdam
+
+BACKENDS = ["reference", "numba"]
+
+
+def _batches(num, rows, steps, seed):
+    gen = torch.Generator().manual_seed(seed)
+    # few rows per step, so most rows miss many steps before they are used again
+    return [torch.randint(0, rows, (num,), generator=gen) for _ in range(steps)]
+
+
+def _train(module, opt, batches, seed, flush=None):
+    gen = torch.Generator().manual_seed(seed)
+    for step, idx in enumerate(batches):
+        opt.zero_grad(set_to_none=True)
+        out = module(idx)
+        (out * torch.randn(out.shape, generator=gen, dtype=out.dtype)).sum().backward()
+        opt.step()
+        if flush is not None and step == flush:
+            opt.flush()
+    if hasattr(opt, "flush"):
+        opt.flush()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_embedding_rows_equal_torch_adam(backend, dtype):
+    torch.manual_seed(0)
+    dense = torch.nn.Embedding(37, 5, dtype=dtype)
+    sparse = torch.nn.Embedding(37, 5, sparse=True, dtype=dtype)
+    sparse.weight.data.copy_(dense.weight.data)
+    batches = _batches(6, 37, 25, seed=1)
+    _train(dense, torch.optim.Adam(dense.parameters(), lr=0.05, foreach=False), batches, 2)
+    _train(sparse, DeferredAdam(sparse.parameters(), lr=0.05, backend=backend), batches, 2,
+           flush=10)
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(sparse.weight, dense.weight, **tol)
+    assert not torch.equal(dense.weight, sparse.weight.new_zeros(1).expand_as(dense.weight))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_hashed_array_equals_torch_adam(backend):
+    torch.manual_seed(3)
+    kw = dict(memory_size=96, chunk_size=2, seed=4)
+    dense = HashedEmbedding(500, 6, **kw)
+    sparse = HashedEmbedding(500, 6, sparse=True, **kw)
+    sparse.weight.data.copy_(dense.weight.data)
+    batches = [b.view(4, 2) for b in _batches(8, 500, 20, seed=5)]
+    _train(dense, torch.optim.Adam(dense.parameters(), lr=0.01, betas=(0.8, 0.99), eps=1e-6,
+                                   foreach=False), batches, 6)
+    _train(sparse, DeferredAdam(sparse.parameters(), lr=0.01, betas=(0.8, 0.99), eps=1e-6,
+                                backend=backend), batches, 6)
+    torch.testing.assert_close(sparse.weight, dense.weight, rtol=1e-5, atol=1e-6)
+
+
+def test_dense_gradients_are_plain_adam_and_state_round_trips():
+    torch.manual_seed(1)
+    a = torch.nn.Linear(4, 3)
+    b = torch.nn.Linear(4, 3)
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(16, 4)
+    ref = torch.optim.Adam(a.parameters(), lr=0.1, foreach=False)
+    opt = DeferredAdam(b.parameters(), lr=0.1)
+    for i in range(6):
+        for m, o in ((a, ref), (b, opt)):
+            o.zero_grad()
+            m(x[i:i + 4]).pow(2).sum().backward()
+            o.step()
+        if i == 2:  # a fresh optimizer loaded from the state continues the same run
+            state = opt.state_dict()
+            opt = DeferredAdam(b.parameters(), lr=0.1)
+            opt.load_state_dict(state)
+    for p, q in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def test_rows_never_used_never_move_and_a_step_touches_only_its_rows():
+    emb = torch.nn.Embedding(50, 3, sparse=True)
+    before = emb.weight.detach().clone()
+    opt = DeferredAdam(emb.parameters(), lr=0.1)
+    emb(torch.tensor([1, 2])).sum().backward()
+    opt.step()
+    opt.zero_grad()
+    emb(torch.tensor([7])).sum().backward()
+    opt.step()
+    moved = (emb.weight != before).any(1)
+    # rows 1 and 2 wait for their deferred step until flush
+    assert moved.nonzero().flatten().tolist() == [1, 2, 7]
+    snapshot = emb.weight.detach().clone()
+    opt.flush()
+    assert not torch.equal(emb.weight[1], snapshot[1])
+    assert torch.equal(emb.weight[7], snapshot[7]) and torch.equal(emb.weight[0], before[0])
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(lr=0), "lr"), (dict(lr=float("nan")), "lr"), (dict(betas=(0.9,)), "betas"),
+    (dict(betas=(0.9, 1.0)), "betas"), (dict(eps=-1), "eps"), (dict(backend="gpu"), "backend")])
+def test_bad_settings_are_refused(kwargs, match):
+    with pytest.raises((ValueError, Exception), match=match):
+        DeferredAdam(torch.nn.Linear(2, 2).parameters(), **kwargs)
+
+
+def test_non_finite_gradient_is_refused():
+    emb = torch.nn.Embedding(5, 2, sparse=True)
+    opt = DeferredAdam(emb.parameters())
+    (emb(torch.tensor([1])) * float("inf")).sum().backward()
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        opt.step()
+
+
+def test_state_round_trip_keeps_deferred_rows_exact():
+    torch.manual_seed(2)
+    a = torch.nn.Embedding(30, 3, sparse=True)
+    b = torch.nn.Embedding(30, 3, sparse=True)
+    b.load_state_dict(a.state_dict())
+    batches = _batches(4, 30, 12, seed=9)
+    opt_a = DeferredAdam(a.parameters(), lr=0.05)
+    opt_b = DeferredAdam(b.parameters(), lr=0.05)
+    for i, idx in enumerate(batches):
+        for m, o in ((a, opt_a), (b, opt_b)):
+            o.zero_grad()
+            m(idx).pow(2).sum().backward()
+            o.step()
+        if i == 5:  # mid-run, with rows still owed deferred steps
+            state = opt_b.state_dict()
+            opt_b = DeferredAdam(b.parameters(), lr=0.05)
+            opt_b.load_state_dict(state)
+            assert opt_b.state[b.weight]["last"].dtype == torch.int64
+    opt_a.flush()
+    opt_b.flush()
+    assert torch.equal(a.weight, b.weight)
