@@ -1087,32 +1087,36 @@ def deferred_adam(param, exp_avg, exp_avg_sq, last, rows, grad, upto, step_size,
 
 
 @njit(cache=True)
-def _coalesce_rows(rows, vals, pos, out_rows, out_vals):
+def _coalesce_rows(rows, vals, last, out_rows, out_vals, saved):
     count = 0
     w = vals.shape[1]
     for e in range(rows.size):
         r = rows[e]
-        s = pos[r]
-        if s < 0:
+        s = last[r]
+        if s >= 0:  # first entry of row r: mark the row with its slot, keep its step
+            saved[count] = s
             s = count
-            pos[r] = s
+            last[r] = -1 - s
             out_rows[s] = r
             for j in range(w):
                 out_vals[s, j] = vals[e, j]
             count += 1
         else:
+            s = -1 - s
             for j in range(w):
                 out_vals[s, j] += vals[e, j]
     for s in range(count):
-        pos[out_rows[s]] = -1
+        last[out_rows[s]] = saved[s]
     return count
 
 
-def coalesce_rows(rows, values, pos):
+def coalesce_rows(rows, values, last):
     """The rows of an uncoalesced sparse gradient made unique, their values summed in entry
-    order (deterministic); ``pos`` [R] is all -1 scratch, left all -1. One pass, no sort."""
+    order (deterministic), in one pass without a sort. ``last`` (the non-negative per-row steps
+    of ``DeferredAdam``) marks rows already seen during the pass and is restored after it."""
     out_rows = torch.empty_like(rows)
     out_vals = torch.empty_like(values)
-    count = _coalesce_rows(rows.numpy(), values.numpy(), pos.numpy(), out_rows.numpy(),
-                           out_vals.numpy())
+    saved = torch.empty(rows.numel(), dtype=last.dtype)
+    count = _coalesce_rows(rows.numpy(), values.numpy(), last.numpy(), out_rows.numpy(),
+                           out_vals.numpy(), saved.numpy())
     return out_rows[:count], out_vals[:count]
