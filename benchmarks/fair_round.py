@@ -12,8 +12,9 @@ in one run on one machine:
    the clients that fastfair's round sampled, with the capacities fastfair gave them, in two
    variants (``REFERENCES``): with the reference code's own optimizer,
    ``torch.optim.Adam(model.parameters(), lr=...)`` with torch's defaults (on CPU the
-   per-tensor implementation), and with the fused Adam that fastfair's runner uses, which
-   leaves only the tables, hashing and aggregation to differ.
+   per-tensor implementation), and with torch's fused Adam for every parameter (the fastest
+   dense Adam torch has; fastfair's runner steps its item tables with ``DeferredAdam``, the
+   same Adam touching only the rows a batch used, and the rest with fused Adam).
 3. The peak resident memory of one 1/16-capacity client's local training (the user with the
    most interactions, one epoch) under each, each in a fresh interpreter, and the bytes that
    client holds.
@@ -45,9 +46,10 @@ from torch import Tensor, nn
 
 from fastfair.fl.data import InteractionData, load_dataset
 from fastfair.fl.model import ClientModel, Head
-from fastfair.fl.runner import INIT_STD, Config, FederatedRunner
+from fastfair.fl.runner import INIT_STD, Config, FederatedRunner, client_optimizers
 from fastfair.kernels import backends
 from fastfair.nn import HashedEmbedding
+from fastfair.optim import DeferredAdam
 
 HERE = pathlib.Path(__file__).resolve().parent
 ROUND = dict(method="fair", arch="neumf", dim=8, tiers="2:0-1", clients_per_round=10,
@@ -114,14 +116,18 @@ class StoredHashEmbedding(nn.Module):
 
 
 def train_client(model: ClientModel, items: Tensor, num_items: int, cfg: Config,
-                 gen: torch.Generator, fused: bool) -> None:
+                 gen: torch.Generator, optimizer: str) -> list:
     """``cfg.local_epochs`` passes over ``items`` in shuffled batches of ``cfg.batch_size``, a
     fresh Adam, BPR loss ``-log sigmoid(s(u, i) - s(u, j))`` with ``cfg.negatives`` uniform
     negatives ``j`` per positive ``i`` redrawn every epoch: the loop of
-    ``FederatedRunner.local_train`` for these settings. ``fused``: torch's fused Adam, as
-    fastfair's runner uses; otherwise torch's default Adam, as the reference code uses."""
-    opt = (torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=True) if fused
-           else torch.optim.Adam(model.parameters(), lr=cfg.lr))
+    ``FederatedRunner.local_train`` for these settings. ``optimizer``: ``"default"``, torch's
+    default Adam, as the reference code uses; ``"fused"``, torch's fused Adam; ``"fastfair"``,
+    the runner's (``DeferredAdam`` on the sparse-gradient tables, fused Adam on the rest).
+    Returns the optimizers (their state is part of what the client holds)."""
+    if optimizer == "fastfair":
+        opts = client_optimizers(model, "adam", cfg.lr)
+    else:
+        opts = [torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=optimizer == "fused")]
     for _ in range(cfg.local_epochs):
         order = items[torch.randperm(items.numel(), generator=gen)]
         negs = torch.randint(0, num_items, (items.numel(), cfg.negatives), generator=gen)
@@ -132,9 +138,15 @@ def train_client(model: ClientModel, items: Tensor, num_items: int, cfg: Config,
                                negs[start:start + cfg.batch_size]], 1)
             scores = model(batch)
             loss = -F.logsigmoid(scores[:, :1] - scores[:, 1:]).mean()
-            opt.zero_grad(set_to_none=True)
+            for opt in opts:
+                opt.zero_grad(set_to_none=True)
             loss.backward()
-            opt.step()
+            for opt in opts:
+                opt.step()
+    for opt in opts:
+        if isinstance(opt, DeferredAdam):
+            opt.flush()
+    return opts
 
 
 def reference_client(num_items: int, dim: int, memory_size, arrays: dict, head_state: dict,
@@ -208,7 +220,8 @@ class ReferenceFair:
         for client in clients:
             model = self.download(client)
             items = self.data.user_items(client)
-            train_client(model, items, self.data.num_items, self.cfg, self.gen, self.fused_adam)
+            train_client(model, items, self.data.num_items, self.cfg, self.gen,
+                         "fused" if self.fused_adam else "default")
             with torch.no_grad():
                 self.user_vectors["gmf"][client] = model.user_gmf
                 self.user_vectors["mlp"][client] = model.user_mlp
@@ -262,7 +275,8 @@ def _fastfair_client(num_items: int, dim: int, memory_size: int, seeds: dict, ar
                      head_state: dict, user: dict) -> ClientModel:
     """The model ``FederatedRunner.download`` builds for a hashed device, from its arrays."""
     def make_table(name):
-        table = HashedEmbedding(num_items, dim, memory_size=memory_size, seed=seeds[name])
+        table = HashedEmbedding(num_items, dim, memory_size=memory_size, seed=seeds[name],
+                                sparse=True)
         with torch.no_grad():
             table.weight.copy_(arrays[name])
         return table
@@ -288,24 +302,27 @@ def _memory_child(payload_path: str, impl: str) -> None:
     _set_threads(p["threads"])
     cfg = Config(**{**ROUND, "local_epochs": MEMORY_EPOCHS})
     gen = torch.Generator().manual_seed(0)
-    fused = REFERENCES[impl][0] if impl in REFERENCES else True  # fastfair: as its runner
+    optimizer = ("fused" if REFERENCES[impl][0] else "default") if impl in REFERENCES \
+        else "fastfair"
     # Kernels compile and allocators initialise on a tiny table, outside the measured region.
     tiny = _build_client(impl, {**p, "arrays": {k: v[:500] for k, v in p["arrays"].items()}},
                          1000, 500)
-    train_client(tiny, torch.arange(0, 1000, 2), 1000, cfg, gen, fused)
+    train_client(tiny, torch.arange(0, 1000, 2), 1000, cfg, gen, optimizer)
     del tiny
     gc.collect()
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
     base = _status_kb("VmRSS")
     model = _build_client(impl, p, p["num_items"], p["memory_size"])
-    train_client(model, p["items"], p["num_items"], cfg, gen, fused)
+    opts = train_client(model, p["items"], p["num_items"], cfg, gen, optimizer)
     peak_mb = (_status_kb("VmHWM") - base) / 1024
     params = sum(t.numel() * t.element_size() for t in model.parameters())
+    state = sum(t.numel() * t.element_size() for opt in opts for s in opt.state.values()
+                for t in s.values() if isinstance(t, torch.Tensor))
     tables = sum(t.numel() * t.element_size() for t in model.buffers())
     print(json.dumps({"peak_rise_mb": peak_mb, "held_bytes": {
-        "parameters": params, "adam_state": 2 * params, "index_sign_tables": tables,
-        "total": 3 * params + tables}}))
+        "parameters": params, "optimizer_state": state, "index_sign_tables": tables,
+        "total": params + state + tables}}))
 
 
 def measure_client_memory(data: InteractionData, threads: int) -> dict:
@@ -494,9 +511,11 @@ def main() -> None:
         "implementations": LABELS,
         "notes": [
             "All implementations train the same sampled clients (read off fastfair's round) "
-            "with the same capacities and array sizes. fastfair and reference_fused use torch's "
-            "fused Adam; reference uses torch.optim.Adam with its defaults, as the reference "
-            "code does (the per-tensor implementation on CPU).",
+            "with the same capacities and array sizes. fastfair steps its item tables with "
+            "DeferredAdam (Adam touching only the rows a batch used) and the rest with torch's "
+            "fused Adam; reference_fused uses fused Adam for everything; reference uses "
+            "torch.optim.Adam with its defaults, as the reference code does (the per-tensor "
+            "implementation on CPU).",
             "Round seconds include download, local training and aggregation; each round runs "
             "fastfair, then reference, then reference_fused, after one warm-up round each.",
             "Peak MB: rise of VmHWM over VmRSS, fresh process, from building the client's model "

@@ -447,7 +447,7 @@ class FederatedRunner:
         loss of the last epoch."""
         cfg = self.cfg
         pos = self.data.user_items(client)
-        opts = _optimizers(model, cfg.optimizer, cfg.lr)
+        opts = client_optimizers(model, cfg.optimizer, cfg.lr)
         persistent = cfg.optimizer_state == "persistent"
         if persistent and client in self.optimizer_states:
             for opt, state in zip(opts, self.optimizer_states[client]):
@@ -848,7 +848,7 @@ class FederatedRunner:
         return runner
 
 
-def _optimizers(model: nn.Module, kind: str, lr: float) -> list:
+def client_optimizers(model: nn.Module, kind: str, lr: float) -> list:
     """The client's optimizers. Adam: the item tables (sparse gradients) step with
     ``DeferredAdam``, which equals Adam but touches only the rows a batch used, the rest with
     fused Adam; a dense Adam step rewrites every entry of a device's table, which made it the
