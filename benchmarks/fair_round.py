@@ -47,7 +47,7 @@ from torch import Tensor, nn
 from fastfair.fl.data import InteractionData, load_dataset
 from fastfair.fl.model import ClientModel, Head
 from fastfair.fl.runner import INIT_STD, Config, FederatedRunner, client_optimizers
-from fastfair.kernels import backends
+from fastfair.kernels import backends, numba_backend
 from fastfair.nn import HashedEmbedding
 from fastfair.optim import DeferredAdam
 
@@ -294,6 +294,21 @@ def _build_client(impl: str, p: dict, num_items: int, memory_size: int) -> Clien
     return reference_client(num_items, p["dim"], memory_size, p["arrays"], p["head"], p["user"])
 
 
+def _warm_parallel_optimizer() -> None:
+    """Load DeferredAdam's parallel Numba build, which the tiny warm-up client is too small to
+    launch (``numba_backend.PARALLEL_MIN_WORK``): loading compiled code is a once-per-process
+    cost, not the client's."""
+    size = 2 * numba_backend.PARALLEL_MIN_WORK
+    weight = nn.Parameter(torch.zeros(size))
+    opt = DeferredAdam([weight])
+    weight.grad = torch.ones(size)
+    opt.step()  # every row: the parallel step
+    weight.grad = torch.sparse_coo_tensor(torch.zeros(1, 1, dtype=torch.int64), torch.ones(1),
+                                          (size,), check_invariants=True)
+    opt.step()
+    opt.flush()  # every other row missed a step: the parallel replay
+
+
 def _memory_child(payload_path: str, impl: str) -> None:
     """Build one hashed client from the downloaded arrays in ``payload_path`` and train it;
     print the rise of the peak resident memory over the resident size before it, in MB, and
@@ -308,6 +323,8 @@ def _memory_child(payload_path: str, impl: str) -> None:
     tiny = _build_client(impl, {**p, "arrays": {k: v[:500] for k, v in p["arrays"].items()}},
                          1000, 500)
     train_client(tiny, torch.arange(0, 1000, 2), 1000, cfg, gen, optimizer)
+    if optimizer == "fastfair":
+        _warm_parallel_optimizer()
     del tiny
     gc.collect()
     with open("/proc/self/clear_refs", "w") as f:

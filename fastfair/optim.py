@@ -14,6 +14,8 @@ A step costs ``O(rows used x (d + steps missed))`` instead of ``O(table)``. Para
 gradient is dense are treated as fully used (plain Adam). Give it the sparse-gradient tables
 (``torch.nn.Embedding(sparse=True)``, ``fastfair.nn.HashedEmbedding(sparse=True)``) and the rest
 of the model to ``torch.optim.Adam``; call ``flush()`` before reading or sending the tables.
+Like ``torch.optim.Adam`` it does not check gradients: a NaN or Inf propagates into the rows it
+touches (``fastfair.fl.runner`` rejects such updates).
 """
 from __future__ import annotations
 
@@ -113,8 +115,6 @@ class DeferredAdam(torch.optim.Optimizer):
                 else:
                     rows = torch.arange(self._rows(p).shape[0], device=p.device)
                     values = self._rows(grad)
-                if not bool(torch.isfinite(values).all()):
-                    raise ValueError("DeferredAdam: the gradient has NaN or Inf values")
                 step_size, inv = self._constants(group, t + 1, p.device)
                 getattr(kernel_mod, "deferred_adam", reference.deferred_adam)(
                     self._rows(p.data), self._rows(state["exp_avg"]),

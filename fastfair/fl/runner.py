@@ -292,6 +292,7 @@ class FederatedRunner:
                 self.head = Head(d)
         self._counts: dict = {}
         self._svd: dict = {}
+        self._projections: dict = {}
         self.round_index = 0
         self.totals = {"bytes_down": 0, "bytes_up": 0, "dropped": 0, "rejected": 0}
         self.compressor = None
@@ -402,6 +403,14 @@ class FederatedRunner:
         root = s[:rank].sqrt()
         return u[:, :rank] * root, root[:, None] * vh[:rank]
 
+    def _projection(self, name: str, spec: HashSpec) -> Tensor:
+        """``project_dense`` of table ``name`` for ``spec``, once per round: every device of a
+        tier (every one, when hashing is consistent) downloads the same array."""
+        key = (name, spec)
+        if key not in self._projections:
+            self._projections[key] = project_dense(self.tables[name], spec, self.counts(spec))
+        return self._projections[key]
+
     def download(self, client: int, view: ClientView) -> ClientModel:
         """The device's model: its view of each global table, the head, and the client's own
         private user vectors."""
@@ -430,7 +439,7 @@ class FederatedRunner:
                                      chunk_size=spec.chunk_size, seed=spec.seed,
                                      signed=spec.signed, sparse=sparse)
             with torch.no_grad():
-                module.weight.copy_(project_dense(table, spec, self.counts(spec)))
+                module.weight.copy_(self._projection(name, spec))
             return module
 
         model = ClientModel(self.cfg.arch, n, d, make_table)
@@ -658,6 +667,9 @@ class FederatedRunner:
             if self.head is not None:
                 self.head.load_state_dict({k: v.lerp(self.head.state_dict()[k], eta)
                                            for k, v in old[1].items()})
+        # Downloads derived from the tables are stale now.
+        self._svd.clear()
+        self._projections.clear()
 
     def _add_lost_part(self, name: str, acc: Tensor, views: list) -> None:
         """Delta aggregation: ``acc += sum_c p_c (W - D_c)`` over the uploads whose view is
@@ -673,7 +685,7 @@ class FederatedRunner:
                 left, right = self._factors(name, spec.rank)
                 represented = left @ right
             else:
-                represented = expand_dense(project_dense(table, spec, self.counts(spec)), spec)
+                represented = expand_dense(self._projection(name, spec), spec)
             acc.add_(table - represented, alpha=p)
 
     def run_round(self) -> dict:
@@ -681,6 +693,7 @@ class FederatedRunner:
         (with the reasons), mean loss, bytes per tier and in total, seconds."""
         t0 = time.perf_counter()
         self._svd.clear()
+        self._projections.clear()
         pick = torch.randperm(self.eligible.numel(), generator=self.gen)[:self.cfg.clients_per_round]
         clients = self.eligible[pick].tolist()
         # Drawn even when dropout is 0 so runs that differ only in dropout sample alike.
@@ -825,6 +838,7 @@ class FederatedRunner:
         self.totals = dict(state["totals"])
         self.optimizer_states = dict(state["optimizer_states"])
         self._svd.clear()
+        self._projections.clear()
 
     def save(self, path) -> None:
         """Write a checkpoint atomically (a crash mid-write leaves the previous one intact)."""
