@@ -450,3 +450,30 @@ def test_reg_adds_the_l2_of_the_batch_embeddings(monkeypatch):
     assert losses[0.5] - losses[0.0] == pytest.approx(expected, rel=1e-4)
     with pytest.raises(ValueError, match="reg must be"):
         Config(reg=-1.0).check(data)
+
+
+@pytest.mark.parametrize("method,tiers", [("fair", "2:0-1-2"), ("fedavg-full", "2:0-1")])
+def test_deferred_adam_trains_like_dense_adam_and_resumes(data, method, tiers, monkeypatch,
+                                                          tmp_path):
+    import fastfair.fl.runner as runner_module
+    cfg = _cfg(method=method, tiers=tiers, optimizer_state="persistent", clients_per_round=10,
+               local_epochs=2, rounds=3)
+    dense = FederatedRunner(data, cfg)
+    for _ in range(3):
+        dense.run_round()
+    # every table large enough: the tables step with DeferredAdam
+    monkeypatch.setattr(runner_module, "DEFERRED_MIN_ENTRIES", 0)
+    deferred = FederatedRunner(data, cfg)
+    deferred.run_round()
+    kinds = {type(o).__name__ for o in runner_module.client_optimizers(
+        deferred.download(0, deferred.view(0)), "adam", 0.1)}
+    assert kinds == {"DeferredAdam", "Adam"}
+    deferred.save(tmp_path / "c.pt")
+    resumed = FederatedRunner.load(tmp_path / "c.pt", data)
+    for _ in range(2):
+        deferred.run_round()
+        resumed.run_round()
+    assert _state_equal(resumed.state_dict(), deferred.state_dict())
+    for name in dense.tables:  # the same Adam, up to float rounding
+        torch.testing.assert_close(deferred.tables[name], dense.tables[name], rtol=1e-4,
+                                   atol=1e-5)
