@@ -46,7 +46,8 @@ from torch import Tensor, nn
 
 from fastfair.fl.data import InteractionData, load_dataset
 from fastfair.fl.model import ClientModel, Head
-from fastfair.fl.runner import INIT_STD, Config, FederatedRunner, client_optimizers
+from fastfair.fl.runner import (DEFERRED_MIN_ENTRIES, INIT_STD, Config, FederatedRunner,
+                                client_optimizers)
 from fastfair.kernels import backends, numba_backend
 from fastfair.nn import HashedEmbedding
 from fastfair.optim import DeferredAdam
@@ -276,7 +277,7 @@ def _fastfair_client(num_items: int, dim: int, memory_size: int, seeds: dict, ar
     """The model ``FederatedRunner.download`` builds for a hashed device, from its arrays."""
     def make_table(name):
         table = HashedEmbedding(num_items, dim, memory_size=memory_size, seed=seeds[name],
-                                sparse=True)
+                                sparse=memory_size >= DEFERRED_MIN_ENTRIES)
         with torch.no_grad():
             table.weight.copy_(arrays[name])
         return table
