@@ -53,6 +53,8 @@ from fastfair.nn import HashedEmbedding
 from fastfair.optim import DeferredAdam
 
 HERE = pathlib.Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from memory import status_kb  # noqa: E402  (a sibling script, not a package)
 ROUND = dict(method="fair", arch="neumf", dim=8, tiers="2:0-1", clients_per_round=10,
              local_epochs=5, batch_size=512, lr=1e-3, optimizer="adam", loss="bpr", negatives=1,
              chunk_size=1, seed=0)
@@ -264,14 +266,6 @@ def _set_threads(threads: int) -> None:
     numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
 
 
-def _status_kb(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    raise KeyError(key)
-
-
 def _fastfair_client(num_items: int, dim: int, memory_size: int, seeds: dict, arrays: dict,
                      head_state: dict, user: dict) -> ClientModel:
     """The model ``FederatedRunner.download`` builds for a hashed device, from its arrays."""
@@ -330,10 +324,10 @@ def _memory_child(payload_path: str, impl: str) -> None:
     gc.collect()
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
-    base = _status_kb("VmRSS")
+    base = status_kb("VmRSS")
     model = _build_client(impl, p, p["num_items"], p["memory_size"])
     opts = train_client(model, p["items"], p["num_items"], cfg, gen, optimizer)
-    peak_mb = (_status_kb("VmHWM") - base) / 1024
+    peak_mb = (status_kb("VmHWM") - base) / 1024
     params = sum(t.numel() * t.element_size() for t in model.parameters())
     state = sum(t.numel() * t.element_size() for opt in opts for s in opt.state.values()
                 for t in s.values() if isinstance(t, torch.Tensor))

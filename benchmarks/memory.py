@@ -16,7 +16,8 @@ import subprocess
 import sys
 
 
-def _status_kb(key: str) -> int:
+def status_kb(key: str) -> int:
+    """A ``/proc/self/status`` field (``VmRSS``, ``VmHWM``, ...) in kB."""
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith(key + ":"):
@@ -43,9 +44,9 @@ def _main(impl: str) -> None:
     gc.collect()
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
-    base = _status_kb("VmRSS")
+    base = status_kb("VmRSS")
     module(indices, offsets).backward(grad)
-    print(json.dumps({"peak_step_mb": (_status_kb("VmHWM") - base) / 1024}))
+    print(json.dumps({"peak_step_mb": (status_kb("VmHWM") - base) / 1024}))
 
 
 if __name__ == "__main__":
