@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from fastfair.fl import compress as C
+from fastfair.kernels import kmeans as km
 from fastfair.fl.data import synthetic
 from fastfair.fl.profiles import PROFILES, load_profile
 from fastfair.fl.runner import Config, FederatedRunner
@@ -111,6 +112,21 @@ def test_svd_is_the_best_rank_r_of_the_touched_rows():
     s = torch.linalg.svdvals(g[(g != 0).any(1)].double())
     best = float(s[2:].pow(2).sum().sqrt() / s.pow(2).sum().sqrt())
     assert enc.error == pytest.approx(best, rel=1e-4)
+
+
+@pytest.mark.parametrize("kind,spherical", [("actions", False), ("actions", True),
+                                            ("full", False), ("topk", False)])
+def test_received_table_adds_into_an_accumulator_without_forming_it(kind, spherical):
+    gen = torch.Generator().manual_seed(11)
+    start = torch.randn(40, 6, generator=gen)
+    g = sparse_update(rows=40, dim=6, touched=25, seed=12)
+    enc = C.Compressor(kind, actions=5, spherical=spherical).encode(g, budget=2000, seed=3)
+    received = C.Received(start, enc)
+    torch.testing.assert_close(received.dense(), start + C.decode(enc))
+    acc = torch.randn(40, 6, generator=gen)
+    expect = acc + 0.3 * received.dense()
+    received.add_to(acc, 0.3)
+    torch.testing.assert_close(acc, expect, rtol=1e-6, atol=1e-6)
 
 
 def test_empty_update_costs_the_bitmap_only():
@@ -291,7 +307,8 @@ def test_item_mean_moves_each_row_by_its_mean_change_over_the_clients_that_chang
     runner._aggregate = lambda uploads: (seen.append(uploads), real(uploads))
     runner.run_round()
     for name, table in before.items():
-        changes = torch.stack([u[f"item_{name}.weight"] - table for u, _, _ in seen[0]]).double()
+        changes = torch.stack([u[f"item_{name}.weight"].dense() - table
+                               for u, _, _ in seen[0]]).double()
         touched = (changes != 0).any(2)
         assert touched.sum(0).max() >= 2, "some row must be changed by several clients"
         mean = changes.sum(0) / touched.sum(0).clamp_min(1)[:, None]
@@ -299,3 +316,21 @@ def test_item_mean_moves_each_row_by_its_mean_change_over_the_clients_that_chang
                                    rtol=1e-5, atol=1e-7)
     with pytest.raises(ValueError, match="item-mean"):
         Config(method="fair", tiers="2:0-3", aggregation="item-mean").check(data)
+
+
+def test_received_payloads_are_checked_before_they_are_rebuilt():
+    g = sparse_update(rows=30, dim=4, touched=12, seed=13)
+    start = torch.zeros(30, 4)
+    good = C.Compressor("actions", actions=3).encode(g, seed=0)
+    assert C.Received(start, good).check() is None
+    nan = C.Encoded(**{**good.__dict__, "parts": {**good.parts,
+                                                  "centroids": good.parts["centroids"] * float("nan")}})
+    assert "NaN" in C.Received(start, nan).check()
+    torn = C.Encoded(**{**good.__dict__, "parts": {**good.parts,
+                                                   "bitmap": good.parts["bitmap"][:-1]}})
+    assert "cannot be decoded" in C.Received(start, torn).check()
+    assert good.size == 3  # indices take 2 bits, so index 3 can be sent and names nothing
+    bad = km.pack_indices(torch.full((12,), 3), 2)
+    beyond = C.Encoded(**{**good.__dict__, "parts": {**good.parts, "labels": bad}})
+    assert "names no centroid" in C.Received(start, beyond).check()
+    assert "cannot cover" in C.Received(torch.zeros(31, 4), good).check()

@@ -218,21 +218,86 @@ def decode(enc: Encoded) -> Tensor:
     if enc.kind == "topk":
         out.view(-1)[parts["positions"]] = parts["values"]
         return out
+    if enc.kind in ("full", "actions"):
+        touched, centroids, labels, scales = _row_changes(enc)
+        if touched.numel():
+            km.rebuild_add_(out, touched, centroids, labels, scales, 1.0)
+        return out
     touched = torch.nonzero(km.unpack_indices(parts["bitmap"], 1, rows)).flatten()
     m = touched.numel()
-    if enc.kind == "full":
-        out[touched] = parts["values"]
-    elif enc.kind == "actions":
-        k = parts["centroids"].shape[0]
-        if m:
-            labels = km.unpack_indices(parts["labels"], max(_index_bits(k), 1), m)
-            km.rebuild_add_(out, touched, parts["centroids"], labels, parts.get("scales"), 1.0)
-    elif enc.kind in ("quant8", "quant4"):
+    if enc.kind in ("quant8", "quant4"):
         codes = km.unpack_indices(parts["codes"], int(enc.kind[5:]), m * dim).view(m, dim)
         out[touched] = parts["lo"] + codes.to(out.dtype) * parts["step"]
     else:
         out[touched] = parts["left"] @ parts["right"]
     return out
+
+
+@dataclasses.dataclass
+class Received:
+    """An item table as the server receives it: the array the device downloaded (``start``,
+    the view's own shape) and the encoded change. ``dense()`` materialises ``start + G_hat``;
+    ``add_to(acc, w)`` adds ``w (start + G_hat)`` into a dense accumulator, and for a dense
+    table's ``actions`` or ``full`` upload does so without forming it: ``acc += w start``, then
+    the touched rows' changes are gathered (centroid per action index, times the row's scale),
+    scaled by ``w`` and scattered into ``acc`` by ``fastfair.kernels.kmeans.rebuild_add_``."""
+
+    start: Tensor
+    enc: Encoded
+
+    def check(self) -> Optional[str]:
+        """Why the payload cannot be rebuilt onto ``start``, or None: its rows must cover the
+        table and every float it carries be finite."""
+        enc = self.enc
+        if enc.rows * enc.dim < self.start.numel() or enc.dim < 1:
+            return (f"a {enc.rows} x {enc.dim} payload cannot cover a table of "
+                    f"{self.start.numel()} entries")
+        for name, part in enc.parts.items():
+            if part.is_floating_point() and not bool(torch.isfinite(part).all()):
+                return f"payload part {name!r} has NaN or Inf values"
+        try:
+            if enc.kind not in ("actions", "full"):
+                decode(enc)
+                return None
+            rows, centroids, labels, scales = _row_changes(enc)
+        except (ValueError, RuntimeError, KeyError, IndexError) as err:
+            return f"payload cannot be decoded: {err}"
+        if centroids.dim() != 2 or centroids.shape[1] != enc.dim:
+            return f"centroids of shape {tuple(centroids.shape)}, expected [K, {enc.dim}]"
+        if labels.numel() and int(labels.max()) >= centroids.shape[0]:
+            return f"an action index {int(labels.max())} names no centroid"
+        if scales is not None and scales.shape != rows.shape:
+            return f"{scales.numel()} scales for {rows.numel()} touched rows"
+        return None
+
+    def dense(self) -> Tensor:
+        flat = decode(self.enc).reshape(-1)[:self.start.numel()]
+        return self.start + flat.view_as(self.start)
+
+    def add_to(self, acc: Tensor, weight: float) -> None:
+        enc = self.enc
+        if (enc.kind not in ("actions", "full") or self.start.dim() != 2
+                or tuple(self.start.shape) != (enc.rows, enc.dim)):
+            acc.add_(self.dense(), alpha=weight)
+            return
+        acc.add_(self.start, alpha=weight)
+        rows, centroids, labels, scales = _row_changes(enc)
+        if rows.numel():
+            km.rebuild_add_(acc, rows, centroids, labels, scales, weight)
+
+
+def _row_changes(enc: Encoded) -> tuple:
+    """``(rows, centroids, labels, scales)`` with ``G_hat[rows[j]] = scales[j] *
+    centroids[labels[j]]`` for an ``actions`` or ``full`` payload (``full``: every touched row
+    is its own centroid)."""
+    parts = enc.parts
+    rows = torch.nonzero(km.unpack_indices(parts["bitmap"], 1, enc.rows)).flatten()
+    if enc.kind == "full":
+        return rows, parts["values"], torch.arange(rows.numel()), None
+    k = parts["centroids"].shape[0]
+    labels = (km.unpack_indices(parts["labels"], max(_index_bits(k), 1), rows.numel())
+              if rows.numel() else rows)
+    return rows, parts["centroids"], labels, parts.get("scales")
 
 
 def _relative_error(delta: Tensor, rebuilt: Tensor) -> float:

@@ -73,7 +73,7 @@ import torch
 from torch import Tensor
 
 from . import metrics
-from .compress import Encoded, decode
+from .compress import Encoded, Received
 from .data import DATASETS, InteractionData, load_dataset
 from .model import Head, score, score_all_items
 from .runner import ClientView, Config, FederatedRunner
@@ -369,9 +369,7 @@ class FairStrategy(Strategy):
             sent = {k: (v if isinstance(v, bool) else float(v) if k == "error" else int(v))
                     for k, v in content[SENT].items()}
             for key, enc in _encoded_from(content).items():
-                start = task.download[key]
-                flat = decode(enc).reshape(-1)[:start.numel()]
-                update[key] = start + flat.view_as(start)
+                update[key] = Received(task.download[key], enc)
         return Reply(update=update, loss=loss, sent=sent)
 
     def aggregate_train(self, server_round: int, replies) -> tuple:
@@ -436,22 +434,6 @@ class FairStrategy(Strategy):
 # ---------------------------------------------------------------------------------------------
 # Client
 # ---------------------------------------------------------------------------------------------
-
-class _Recorder:
-    """Stands in for a device runner's compressor: ``FederatedRunner.compress`` decodes each
-    table's final encoding once, in table order, and those encodings are what the device sends."""
-
-    def __init__(self, inner):
-        self.inner = inner
-        self.decoded: list = []
-
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
-
-    def decode(self, enc: Encoded) -> Tensor:
-        self.decoded.append(enc)
-        return self.inner.decode(enc)
-
 
 def _to_bytes(obj) -> bytes:
     buf = io.BytesIO()
@@ -549,19 +531,12 @@ class Device:
     @staticmethod
     def _compressed(runner: FederatedRunner, user: int, update: dict, start: dict,
                     view: ClientView, msg: Message) -> dict:
-        recorder = _Recorder(runner.compressor)
-        runner.compressor, saved = recorder, runner.compressor
         # compress() seeds k-means with the round index: the server's, not this runner's.
         runner.round_index = int(msg.content[TASK]["round"])
-        try:
-            _, sent = runner.compress(user, update, start, view)
-        finally:
-            runner.compressor = saved
-        keys = list(start)
-        if len(recorder.decoded) != len(keys):
-            raise RuntimeError("FederatedRunner.compress no longer decodes each table once")
+        received, sent = runner.compress(user, update, start, view)
         parts, meta = {}, {}
-        for key, enc in zip(keys, recorder.decoded):
+        for key in start:
+            enc = received[key].enc
             parts.update({f"{key}|{p}": t for p, t in enc.parts.items()})
             meta.update({f"{key}|kind": enc.kind, f"{key}|rows": enc.rows,
                          f"{key}|dim": enc.dim, f"{key}|bits": enc.bits,

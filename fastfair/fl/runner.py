@@ -57,7 +57,8 @@ from ..nn import HashedEmbedding
 from ..optim import DeferredAdam
 from . import metrics
 from .data import InteractionData
-from .compress import COMPRESSORS, Compressor, action_bits, doubling_grid, reference_bits
+from .compress import (COMPRESSORS, Compressor, Received, action_bits, doubling_grid,
+                       reference_bits)
 from .model import (ARCHS, ClientModel, Head, LowRankEmbedding, SlicedEmbedding, score,
                     score_all_items)
 from .profiles import cluster_flops, load_profile, train_flops
@@ -549,9 +550,10 @@ class FederatedRunner:
         return (ok, False) if ok else ([grid[0]], True)
 
     def compress(self, client: int, update: dict, start: dict, view: ClientView) -> tuple:
-        """Encode the item-table updates with the configured compressor and rebuild what the
-        server receives: ``start + G_hat`` per table, the head as uploaded. Returns that update
-        and the payload's accounting (exact bits, packed and int32; K; error)."""
+        """Encode the item-table updates with the configured compressor. Returns what the
+        server receives, a ``fastfair.fl.compress.Received`` (download + encoded change) per
+        item table and the head as uploaded, and the payload's accounting (exact bits, packed
+        and int32; K; error)."""
         cfg = self.cfg
         deltas = self._deltas(update, start)
         budgets = {key: max(1, int(cfg.ratio * reference_bits(*g.shape))) if cfg.ratio else None
@@ -571,8 +573,7 @@ class FederatedRunner:
                 break
         received = dict(update)
         for key, enc in encoded.items():
-            flat = self.compressor.decode(enc).reshape(-1)[:start[key].numel()]
-            received[key] = start[key] + flat.view_as(start[key])
+            received[key] = Received(start[key], enc)
         head = self._head_bits()
         item_bits = sum(e.bits for e in encoded.values())
         return received, {
@@ -608,6 +609,11 @@ class FederatedRunner:
             return f"tensors missing {missing}, unexpected {extra}"
         for key, shape in expected.items():
             t = update[key]
+            if isinstance(t, Received):
+                reason = t.check()
+                if reason is not None:
+                    return f"{key}: {reason}"
+                t = t.start  # its shape is the table's; the payload was checked above
             if not isinstance(t, Tensor) or t.dtype != torch.float32:
                 return f"{key} is not a float32 tensor"
             if tuple(t.shape) != shape:
@@ -627,8 +633,8 @@ class FederatedRunner:
         for name in self._table_names():
             key = f"item_{name}"
             if self.cfg.aggregation == "item-mean":
-                self.tables[name] = _item_mean(self.tables[name],
-                                               [u[f"{key}.weight"] for u, _, _ in uploads])
+                tables = [_dense(u[f"{key}.weight"]) for u, _, _ in uploads]
+                self.tables[name] = _item_mean(self.tables[name], tables)
                 continue
             acc = torch.zeros(n, d)
             column_weight = torch.zeros(d, dtype=torch.float64)
@@ -641,15 +647,19 @@ class FederatedRunner:
                     column_weight[:spec.width] += p
                     continue
                 column_weight += p
+                table = update.get(f"{key}.weight")
                 if spec is None:
-                    acc += p * update[f"{key}.weight"]
+                    if isinstance(table, Received):
+                        table.add_to(acc, p)  # the fused rebuild into the accumulator
+                    else:
+                        acc += p * table
                 elif isinstance(spec, LowRank):
                     acc.addmm_(update[f"{key}.left"], update[f"{key}.right"], alpha=p)
                 elif self.cfg.method == "fair":
-                    arrays.append(update[f"{key}.weight"])
+                    arrays.append(_dense(table))
                     weights.append(p)
                 else:
-                    acc += p * expand_dense(update[f"{key}.weight"], spec)
+                    acc += p * expand_dense(_dense(table), spec)
             if arrays:
                 big = max((s for s in self.tier_specs[name] if s is not None),
                           key=lambda s: s.memory_size)
@@ -886,6 +896,11 @@ def client_optimizers(model: nn.Module, kind: str, lr: float) -> list:
     rest = [p for p in model.parameters() if id(p) not in ids]
     return ([DeferredAdam(tables, lr=lr)] if tables else []) + \
         [torch.optim.Adam(rest, lr=lr, fused=True)]
+
+
+def _dense(table):
+    """A received item table as a tensor (a compressed one rebuilt)."""
+    return table.dense() if isinstance(table, Received) else table
 
 
 def _item_mean(table: Tensor, uploads: list) -> Tensor:
