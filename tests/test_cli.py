@@ -11,6 +11,7 @@ import torch
 
 from fastfair import cli
 from fastfair.fl.runner import Config, FederatedRunner
+from testing import state_equal
 
 TINY = ["--users", "40", "--items", "200", "-K", "5", "--quiet"]
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,17 +32,6 @@ def _is_png(path):
         return False
     width, height = struct.unpack(">II", blob[16:24])
     return width > 500 and height > 200
-
-
-def _tensors_equal(a, b):
-    if isinstance(a, torch.Tensor):
-        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
-    if isinstance(a, dict):
-        return isinstance(b, dict) and a.keys() == b.keys() and all(
-            _tensors_equal(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)):
-        return len(a) == len(b) and all(_tensors_equal(x, y) for x, y in zip(a, b))
-    return a == b
 
 
 def test_options_default_to_config_and_the_script_is_declared():
@@ -150,7 +140,7 @@ def test_resume_continues_bit_identically(tmp_path, monkeypatch, capsys):
         a = torch.load(straight / "checkpoints" / name, weights_only=True)
         b = torch.load(broken / "checkpoints" / name, weights_only=True)
         assert a["round"] == b["round"] == 4 and b["optimizer_states"]
-        assert _tensors_equal(a, b)
+        assert state_equal(a, b)
     commands = json.loads((broken / "config.json").read_text())["commands"]
     assert len(commands) == 2 and commands[1].endswith("--resume")
 

@@ -9,6 +9,7 @@ import fastfair
 from fastfair.fl.data import synthetic
 from fastfair.fl.runner import (BYTES_PER_PARAM, Config, FederatedRunner, LowRank, Slice,
                                 train)
+from testing import state_equal
 
 
 @pytest.fixture(scope="module")
@@ -339,17 +340,6 @@ def test_dropout_counts_and_renormalises(data):
     assert all(torch.isfinite(t).all() for t in runner.tables.values())
 
 
-def _state_equal(a, b):
-    if isinstance(a, torch.Tensor):
-        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
-    if isinstance(a, dict):
-        return isinstance(b, dict) and a.keys() == b.keys() and all(
-            _state_equal(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)):
-        return len(a) == len(b) and all(_state_equal(x, y) for x, y in zip(a, b))
-    return a == b
-
-
 @pytest.mark.parametrize("method,extra", [
     ("fair", {}), ("fedhm", {}), ("heterofl", {}), ("fair-inconsistent", {}),
     # compressed uploads: k-means seeds, adaptive K and device classes must resume too
@@ -372,7 +362,7 @@ def test_resume_continues_bit_identically(data, method, extra, tmp_path):
     assert resumed.round_index == 2 and resumed.optimizer_states
     for _ in range(2):
         resumed.run_round()
-    assert _state_equal(resumed.state_dict(), straight.state_dict())
+    assert state_equal(resumed.state_dict(), straight.state_dict())
     assert resumed.evaluate() == straight.evaluate()
 
 
@@ -473,7 +463,7 @@ def test_deferred_adam_trains_like_dense_adam_and_resumes(data, method, tiers, m
     for _ in range(2):
         deferred.run_round()
         resumed.run_round()
-    assert _state_equal(resumed.state_dict(), deferred.state_dict())
+    assert state_equal(resumed.state_dict(), deferred.state_dict())
     for name in dense.tables:  # the same Adam, up to float rounding
         torch.testing.assert_close(deferred.tables[name], dense.tables[name], rtol=1e-4,
                                    atol=1e-5)

@@ -66,3 +66,16 @@ def virtual_table(weight: torch.Tensor, spec) -> torch.Tensor:
     idx, sign = hashing.index_and_sign(rows, spec.embedding_dim, spec.memory_size,
                                        spec.chunk_size, spec.seed, spec.signed)
     return weight[idx] * sign.to(weight.dtype)
+
+
+def state_equal(a, b) -> bool:
+    """Nested dicts / lists of tensors and plain values equal exactly (tensors: same dtype and
+    bit-identical values), as a resumed run's state must be."""
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(
+            state_equal(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(state_equal(x, y) for x, y in zip(a, b))
+    return a == b
