@@ -69,9 +69,11 @@ class DeferredAdam(torch.optim.Optimizer):
         return step_size.to(device, dtype), inv_bc2_sqrt.to(device, dtype)
 
     @staticmethod
-    def _kernel(group, device):
+    def _backend(group, device):
+        """The backend module for ``device``, and its deferred-Adam kernel (the reference's
+        where it has none)."""
         mod = backends.resolve(group["backend"], device)
-        return getattr(mod, "deferred_adam", reference.deferred_adam)
+        return mod, getattr(mod, "deferred_adam", reference.deferred_adam)
 
     def load_state_dict(self, state_dict) -> None:
         super().load_state_dict(state_dict)
@@ -109,14 +111,14 @@ class DeferredAdam(torch.optim.Optimizer):
                 state = self._state(p)
                 t = state["step"]
                 grad = p.grad
-                kernel_mod = backends.resolve(group["backend"], p.device)
+                mod, kernel = self._backend(group, p.device)
                 if grad.is_sparse:
-                    rows, values = self._sparse_rows(grad, state, kernel_mod)
+                    rows, values = self._sparse_rows(grad, state, mod)
                 else:
                     rows = torch.arange(self._rows(p).shape[0], device=p.device)
                     values = self._rows(grad)
                 step_size, inv = self._constants(group, t + 1, p.device)
-                getattr(kernel_mod, "deferred_adam", reference.deferred_adam)(
+                kernel(
                     self._rows(p.data), self._rows(state["exp_avg"]),
                     self._rows(state["exp_avg_sq"]), state["last"], rows,
                     values.to(p.dtype).contiguous(), t, step_size, inv, b1, b2, group["eps"])
@@ -138,7 +140,7 @@ class DeferredAdam(torch.optim.Optimizer):
                 if rows.numel() == 0:
                     continue
                 step_size, inv = self._constants(group, t, p.device)
-                self._kernel(group, p.device)(
+                self._backend(group, p.device)[1](
                     self._rows(p.data), self._rows(state["exp_avg"]),
                     self._rows(state["exp_avg_sq"]), last, rows, None, t, step_size, inv,
                     b1, b2, group["eps"])

@@ -174,7 +174,7 @@ class Compressor:
             parts.update(left=(u[:, :r] * s[:r]).contiguous(), right=vh[:r].contiguous())
             body = FLOAT_BITS * r * (m + dim)
             enc = Encoded(kind, rows, dim, parts, rows + body, INDEX_BITS * m + body, size=r)
-        enc.error = _relative_error(delta, self.decode(enc))
+        enc.error = _relative_error(delta, decode(enc))
         return enc
 
     def _encode_actions(self, delta, mask, touched, g, parts, budget, k, seed) -> Encoded:
@@ -202,13 +202,8 @@ class Compressor:
             parts["scales"] = res.scales
         b, b32 = action_bits(used, m, rows, dim, self.spherical)
         enc = Encoded("actions", rows, dim, parts, b, b32, size=used)
-        enc.error = _relative_error(delta, self.decode(enc))
+        enc.error = _relative_error(delta, decode(enc))
         return enc
-
-    # ------------------------------------------------------------------ server side
-    def decode(self, enc: Encoded) -> Tensor:
-        """``G_hat`` [R, d] from what was sent."""
-        return decode(enc)
 
 
 def decode(enc: Encoded) -> Tensor:

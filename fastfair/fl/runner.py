@@ -526,11 +526,12 @@ class FederatedRunner:
         return 0 if self.head is None else 8 * BYTES_PER_PARAM * sum(
             p.numel() for p in self.head.parameters())
 
-    def _candidates(self, client: int, view: ClientView, deltas: dict, budgets: dict) -> tuple:
+    def _candidates(self, client: int, view: ClientView, deltas: dict, touched: dict,
+                    budgets: dict) -> tuple:
         """The K values the adaptive rule allows for this client, ascending, and whether the
-        client is late (no K fits; it falls back to K = 1)."""
+        client is late (no K fits; it falls back to K = 1). ``touched``: rows changed, per
+        table."""
         grid = doubling_grid(self.cfg.max_actions)
-        touched = {key: int((g != 0).any(1).sum()) for key, g in deltas.items()}
 
         def bits(k):
             return {key: action_bits(k, touched[key], *g.shape, self.cfg.spherical)[0]
@@ -558,9 +559,10 @@ class FederatedRunner:
         deltas = self._deltas(update, start)
         budgets = {key: max(1, int(cfg.ratio * reference_bits(*g.shape))) if cfg.ratio else None
                    for key, g in deltas.items()}
+        touched = {key: int((g != 0).any(1).sum()) for key, g in deltas.items()}
         late, choices = False, [None]
         if self.compressor.kind == "actions" and cfg.fixed_actions() is None:
-            choices, late = self._candidates(client, view, deltas, budgets)
+            choices, late = self._candidates(client, view, deltas, touched, budgets)
             if not cfg.error_bound:
                 choices = choices[-1:]
         # Distinct per client, round and table, and independent of the runner's generator.
@@ -584,7 +586,7 @@ class FederatedRunner:
             "item_reference_bits": sum(reference_bits(*g.shape) for g in deltas.values()),
             "actions": max(e.size for e in encoded.values()) if self.compressor.kind == "actions"
             else 0,
-            "touched": sum(int((g != 0).any(1).sum()) for g in deltas.values()),
+            "touched": sum(touched.values()),
             "error": err, "late": late}
 
     def _simulate(self, client: int, nbytes: int, sent: dict) -> dict:
@@ -627,14 +629,12 @@ class FederatedRunner:
         tables and head (see module doc)."""
         n, d = self.data.num_items, self.cfg.dim
         total = sum(w for _, _, w in uploads)
-        eta = self.cfg.server_lr
-        old = ({name: self.tables[name] for name in self._table_names()},
-               {k: v.clone() for k, v in self.head.state_dict().items()} if self.head else None)
         for name in self._table_names():
             key = f"item_{name}"
             if self.cfg.aggregation == "item-mean":
                 tables = [_dense(u[f"{key}.weight"]) for u, _, _ in uploads]
-                self.tables[name] = _item_mean(self.tables[name], tables)
+                self.tables[name] = self._server_step(self.tables[name],
+                                                      _item_mean(self.tables[name], tables))
                 continue
             acc = torch.zeros(n, d)
             column_weight = torch.zeros(d, dtype=torch.float64)
@@ -671,22 +671,23 @@ class FederatedRunner:
                 held = column_weight > 0
                 acc[:, held] /= column_weight[held].float()
                 acc[:, ~held] = self.tables[name][:, ~held]
-            self.tables[name] = acc
+            self.tables[name] = self._server_step(self.tables[name], acc)
         if self.head is not None:
-            state = {k: torch.zeros_like(v) for k, v in self.head.state_dict().items()}
+            before = self.head.state_dict()
+            state = {k: torch.zeros_like(v) for k, v in before.items()}
             for update, _, w in uploads:
                 for k in state:
                     state[k] += (w / total) * update[f"head.{k}"]
-            self.head.load_state_dict(state)
-        if eta != 1:
-            for name, before in old[0].items():
-                self.tables[name] = before.lerp(self.tables[name], eta)
-            if self.head is not None:
-                self.head.load_state_dict({k: v.lerp(self.head.state_dict()[k], eta)
-                                           for k, v in old[1].items()})
+            self.head.load_state_dict({k: self._server_step(before[k], v)
+                                       for k, v in state.items()})
         # Downloads derived from the tables are stale now.
         self._svd.clear()
         self._projections.clear()
+
+    def _server_step(self, before: Tensor, aggregate: Tensor) -> Tensor:
+        """``before + eta (aggregate - before)`` with ``eta = server_lr``."""
+        eta = self.cfg.server_lr
+        return aggregate if eta == 1 else before.lerp(aggregate, eta)
 
     def _add_lost_part(self, name: str, acc: Tensor, views: list) -> None:
         """Delta aggregation: ``acc += sum_c p_c (W - D_c)`` over the uploads whose view is
