@@ -58,6 +58,16 @@ __device__ __forceinline__ int64_t bag_count(const I* __restrict__ indices, int6
   return n;
 }
 
+// What mode's pooling divides a bag's sum by: its non-padding row count (at least 1) in mean
+// mode, 1 in sum mode; warp-uniform.
+template <typename T, typename I>
+__device__ __forceinline__ T bag_divisor(const I* __restrict__ indices, int64_t start,
+                                         int64_t end, int64_t padding_idx, bool mean, int lane) {
+  if (!mean) return T(1);
+  const int64_t n = bag_count(indices, start, end, padding_idx, lane);
+  return static_cast<T>(n > 1 ? n : 1);
+}
+
 // One lane's share of a batch of up to 32 consecutive bag elements: its element's coefficient
 // a_j (per-sample weight, divided by the bag count in mean mode) and its row's hash halves; plus
 // the warp-uniform mask of live (in-bag, non-padding) lanes and the shuffle steps per group.

@@ -20,11 +20,7 @@ __global__ void __launch_bounds__(kBlock)
   for (int64_t bag = warp_id(); bag < num_bags; bag += warp_count()) {
     const int64_t start = offsets[bag];
     const int64_t end = offsets[bag + 1];
-    T count = T(1);
-    if (mean) {
-      const int64_t n = bag_count(indices, start, end, padding_idx, lane);
-      count = static_cast<T>(n > 1 ? n : 1);
-    }
+    const T count = bag_divisor<T>(indices, start, end, padding_idx, mean, lane);
     for (int tile = 0; tile < L.tiles; ++tile) {
       const int s = tile * L.group + sub;
       const bool active = s < L.slices;

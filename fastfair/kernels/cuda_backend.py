@@ -137,21 +137,35 @@ def bag_forward(weight, indices, offsets, per_sample_weights, dim, chunk_size, s
     return out
 
 
-def bag_backward(grad_out, indices, offsets, per_sample_weights, memory_size, dim, chunk_size,
-                 seed, signed, mode, padding_idx):
-    ext = _ext()
+def _run_backward(launch, grad_out, indices, offsets, per_sample_weights, memory_size, dim,
+                  chunk_size, seed, signed, mode, padding_idx):
+    """Check the inputs, allocate ``grad_w`` and call ``launch(args, grad_out, indices)`` on
+    the device with the arguments both backward kernels take, in their order up to
+    ``padding_idx``; the converted inputs those pointers name live until it returns."""
     grad_out = _floating(grad_out, "gradients")
     indices, offsets, psw, num_bags, offsets_ptr, psw_ptr = _bag_inputs(
         indices, offsets, per_sample_weights, grad_out.dtype)
     _same_device(grad_out.device, indices, offsets, psw)
     grad_w = torch.empty(memory_size, dtype=grad_out.dtype, device=grad_out.device)
     ka, ks = hashing.keys(seed)
+    args = (grad_out.data_ptr(), grad_out.element_size(), indices.data_ptr(),
+            indices.element_size(), indices.numel(), offsets_ptr, num_bags, psw_ptr,
+            grad_w.data_ptr(), dim, memory_size, chunk_size, ka, ks, bool(signed), int(mode),
+            int(padding_idx))
     with _on(grad_out.device):
-        ext.bag_backward_cuda(grad_out.data_ptr(), grad_out.element_size(), indices.data_ptr(),
-                              indices.element_size(), indices.numel(), offsets_ptr, num_bags,
-                              psw_ptr, grad_w.data_ptr(), dim, memory_size, chunk_size, ka, ks,
-                              bool(signed), int(mode), int(padding_idx), _stream(grad_out.device))
+        launch(args, grad_out, indices)
     return grad_w
+
+
+def bag_backward(grad_out, indices, offsets, per_sample_weights, memory_size, dim, chunk_size,
+                 seed, signed, mode, padding_idx):
+    ext = _ext()
+
+    def launch(args, grad_out, indices):
+        ext.bag_backward_cuda(*args, _stream(grad_out.device))
+
+    return _run_backward(launch, grad_out, indices, offsets, per_sample_weights, memory_size,
+                         dim, chunk_size, seed, signed, mode, padding_idx)
 
 
 def bag_backward_deterministic(grad_out, indices, offsets, per_sample_weights, memory_size, dim,
@@ -160,23 +174,17 @@ def bag_backward_deterministic(grad_out, indices, offsets, per_sample_weights, m
     every run. Its workspace (sort keys and values, ``N ceil(dim / Z)`` each) comes from torch's
     allocator on the current stream."""
     ext = _ext()
-    grad_out = _floating(grad_out, "gradients")
-    indices, offsets, psw, num_bags, offsets_ptr, psw_ptr = _bag_inputs(
-        indices, offsets, per_sample_weights, grad_out.dtype)
-    _same_device(grad_out.device, indices, offsets, psw)
-    grad_w = torch.empty(memory_size, dtype=grad_out.dtype, device=grad_out.device)
-    ka, ks = hashing.keys(seed)
-    size = ext.bag_backward_deterministic_workspace(grad_out.element_size(), indices.numel(),
-                                                    offsets is not None, dim, memory_size,
-                                                    chunk_size)
-    workspace = torch.empty(size, dtype=torch.uint8, device=grad_out.device)
-    with _on(grad_out.device):
-        ext.bag_backward_deterministic_cuda(
-            grad_out.data_ptr(), grad_out.element_size(), indices.data_ptr(),
-            indices.element_size(), indices.numel(), offsets_ptr, num_bags, psw_ptr,
-            grad_w.data_ptr(), dim, memory_size, chunk_size, ka, ks, bool(signed), int(mode),
-            int(padding_idx), workspace.data_ptr(), size, _stream(grad_out.device))
-    return grad_w
+
+    def launch(args, grad_out, indices):
+        size = ext.bag_backward_deterministic_workspace(
+            grad_out.element_size(), indices.numel(), offsets is not None, dim, memory_size,
+            chunk_size)
+        workspace = torch.empty(size, dtype=torch.uint8, device=grad_out.device)
+        ext.bag_backward_deterministic_cuda(*args, workspace.data_ptr(), size,
+                                            _stream(grad_out.device))
+
+    return _run_backward(launch, grad_out, indices, offsets, per_sample_weights, memory_size,
+                         dim, chunk_size, seed, signed, mode, padding_idx)
 
 
 def slot_counts(num_embeddings, dim, memory_size, chunk_size, seed, device):
