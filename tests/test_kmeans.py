@@ -443,9 +443,9 @@ def test_auto_picks_a_backend_that_has_the_op(monkeypatch):
     monkeypatch.setenv(backends.ENV, "triton")
     if backends.why_not("triton", cpu):
         pytest.skip(f"triton: {backends.why_not('triton', cpu)}")
-    with pytest.raises(backends.BackendUnavailableError, match="no pack kernel"):
+    with pytest.raises(backends.BackendUnavailableError, match="no kmeans_pack kernel"):
         km.pack_indices(torch.arange(3), 2)
-    with pytest.raises(backends.BackendUnavailableError, match="no unpack kernel"):
+    with pytest.raises(backends.BackendUnavailableError, match="no kmeans_unpack kernel"):
         km.unpack_indices(torch.zeros(1, dtype=torch.uint8), 2, 3, backend="triton")
 
 

@@ -94,6 +94,28 @@ def resolve(name: str, device: torch.device) -> ModuleType:
     return load(name)
 
 
+def kernel(fn: str, backend: str, device: torch.device):
+    """Function ``fn`` of the backend that runs it on ``device``.
+
+    ``auto`` (not forced) takes, in ``auto_order(device)``, the first live backend that has ``fn``,
+    else ``reference``. A backend named explicitly, or forced with ``FASTFAIR_BACKEND``, that cannot
+    run or lacks ``fn`` raises ``BackendUnavailableError`` saying so."""
+    name = check_name(backend)
+    forced = os.environ.get(ENV, "").strip()
+    if name == "auto" and forced in ("", "auto"):
+        for cand in auto_order(device):
+            mod = load(cand)
+            if not why_not(cand, device) and hasattr(mod, fn):
+                return getattr(mod, fn)
+        return getattr(load("reference"), fn)
+    mod = resolve(name, device)
+    if not hasattr(mod, fn):
+        src = f"{ENV}={forced}" if forced else f"backend={name!r}"
+        raise BackendUnavailableError(
+            f"{src}: the {mod.NAME} backend has no {fn} kernel (use 'auto' or 'reference')")
+    return getattr(mod, fn)
+
+
 def bag_backward_fn(mod: ModuleType):
     """The embedding-bag backward of backend ``mod`` that torch's determinism setting asks for."""
     if torch.are_deterministic_algorithms_enabled():

@@ -34,7 +34,6 @@ sort instead of using atomics.
 from __future__ import annotations
 
 import math
-import os
 from typing import NamedTuple, Optional
 
 import torch
@@ -49,21 +48,7 @@ INITS = ("k-means++", "random")
 # ---------------------------------------------------------------- backend choice
 def _kernel(op: str, backend: str, device: torch.device):
     """The function ``kmeans_<op>`` of the backend that runs it on ``device``."""
-    name = backends.check_name(backend)
-    fn = f"kmeans_{op}"
-    forced = os.environ.get(backends.ENV, "").strip()
-    if name == "auto" and forced in ("", "auto"):
-        for cand in backends.auto_order(device):
-            mod = backends.load(cand)
-            if not backends.why_not(cand, device) and hasattr(mod, fn):
-                return getattr(mod, fn)
-        return getattr(backends.load("reference"), fn)
-    mod = backends.resolve(name, device)
-    if not hasattr(mod, fn):
-        src = f"{backends.ENV}={forced}" if forced else f"backend={name!r}"
-        raise backends.BackendUnavailableError(
-            f"{src}: the {mod.NAME} backend has no {op} kernel (use 'auto' or 'reference')")
-    return getattr(mod, fn)
+    return backends.kernel(f"kmeans_{op}", backend, device)
 
 
 # ---------------------------------------------------------------- validation

@@ -277,3 +277,171 @@ def deferred_adam(param, exp_avg, exp_avg_sq, last, rows, grad, upto, step_size,
         reached = k
     param[rows], exp_avg[rows], exp_avg_sq[rows] = p, m, v
     last[rows] = reached
+
+
+# ---------------------------------------------------------------- LSH output layers (PGHash)
+# ``fastfair.kernels.lsh`` validates the inputs and documents every op; these are the oracles.
+# Rows are neurons (or samples): ``x`` is ``[n, d]``, as the weight of ``torch.nn.Linear``.
+
+def lsh_fold(x, c, signs):
+    """``y[j, i] = sum_{t : i + t c < d} s_{i + t c} x[j, i + t c]`` (``s = 1`` without signs)."""
+    n, d = x.shape
+    if signs is not None:
+        x = x * signs
+    pad = (-d) % c
+    if pad:
+        x = torch.cat([x, x.new_zeros(n, pad)], 1)
+    return x.view(n, -1, c).sum(1)
+
+
+def lsh_pg_codes(x, proj, signs):
+    """``codes[l, j] = sum_b [<proj[l, b], y_j> > 0] 2^b`` with ``y = fold(x, c, signs)``
+    (``y = x`` when ``c = d`` and there are no signs); int32 ``[L, n]``. Dot products in
+    float64, so near-zero ones follow the exact sign of the rounded inputs."""
+    L, k, c = proj.shape
+    y = x if (c == x.shape[1] and signs is None) else lsh_fold(x, c, signs)
+    dots = torch.einsum("lbc,nc->lnb", proj.to(torch.float64), y.to(torch.float64))
+    weights = torch.tensor([1 << b for b in range(k)], dtype=torch.int64, device=x.device)
+    return ((dots > 0).to(torch.int64) * weights).sum(2).to(torch.int32)
+
+
+def _dwta_probe(key, g, attempt, nbins):
+    """The bin that empty bin ``g`` borrows from at ``attempt`` (int64 tensors in, same out)."""
+    h = hashing.fmix32((hashing.fmix32(g ^ key) + hashing._mul32(attempt, hashing.GOLDEN))
+                       & hashing.MASK32)
+    return h % nbins
+
+
+def lsh_dwta_codes(x, rows, bins, bits, key, probes):
+    """Winner-take-all codes with densification; int32 ``[L, n]``.
+
+    ``v[j, l, b, p] = x[j, rows[bins[l, b, p]]]``; bin ``(l, b)`` of row ``j`` is empty when all
+    its ``w`` values are 0, else it holds ``a = argmax_p v`` (first on ties). An empty bin ``g =
+    l nb + b`` takes the value of the first non-empty bin among ``probe(key, g, 0..probes-1)``
+    over the row's ``L nb`` bins, else of the first non-empty bin after ``g`` (cyclically), else
+    0. ``codes[l, j] = (sum_b a_{l b} 2^{b log2 w}) mod 2^bits``."""
+    L, nb, w = bins.shape
+    n = x.shape[0]
+    v = x[:, rows][:, bins.reshape(-1)].view(n, L * nb, w)
+    empty = (v == 0).all(2)
+    val = torch.argmax(v, 2)  # first maximal index on ties
+    total = L * nb
+    g = torch.arange(total, device=x.device)
+    filled = val.clone()
+    todo = empty.clone()
+    for a in range(probes):
+        if not bool(todo.any()):
+            break
+        src = _dwta_probe(key, g, torch.full_like(g, a), total)
+        take = todo & ~empty[:, src]
+        filled = torch.where(take, val[:, src], filled)
+        todo = todo & ~take
+    if bool(todo.any()):
+        for s in range(1, total):
+            src = (g + s) % total
+            take = todo & ~empty[:, src]
+            filled = torch.where(take, val[:, src], filled)
+            todo = todo & ~take
+        filled = torch.where(todo, torch.zeros_like(filled), filled)
+    shift = (w.bit_length() - 1) * torch.arange(nb, device=x.device)
+    codes = (filled.view(n, L, nb) << shift).sum(2) & ((1 << bits) - 1)
+    return codes.T.contiguous().to(torch.int32)
+
+
+def lsh_buckets(codes, bits):
+    """Counting sort of every table's codes: ``members[l, offsets[l, h]:offsets[l, h + 1]]`` are
+    the neurons ``j`` with ``codes[l, j] = h``, ascending; offsets int64 ``[L, 2^bits + 1]``,
+    members int32 ``[L, n]``."""
+    L, n = codes.shape
+    counts = torch.zeros(L, 1 << bits, dtype=torch.int64, device=codes.device)
+    counts.scatter_add_(1, codes.long(), torch.ones_like(codes, dtype=torch.int64))
+    offsets = torch.zeros(L, (1 << bits) + 1, dtype=torch.int64, device=codes.device)
+    offsets[:, 1:] = torch.cumsum(counts, 1)
+    members = torch.sort(codes.long(), dim=1, stable=True).indices.to(torch.int32)
+    return offsets, members
+
+
+def lsh_rank(ids, key):
+    """The random order of trimming and padding: ``(fmix32(j ^ key), j)`` as one int64
+    (``fmix32 2^31 + j``; neuron ids are below ``2^31``)."""
+    return (hashing.fmix32(ids ^ key) << 31) | ids
+
+
+def lsh_union_(mark, out, count, qcodes, offsets, members, m, key):
+    """Add to the active set the neurons of the buckets the batch hits, table by table.
+
+    ``mark`` (bool ``[n]``) and ``out[:count]`` (int64) hold the set; for table ``t`` the new
+    neurons ``N_t`` are the members of buckets ``qcodes[:, t]`` not yet in the set. If ``count +
+    |N_t| <= m`` all join; else the ``m - count`` of ``N_t`` with the smallest ``lsh_rank`` join
+    and the union stops. It does not start when ``count >= m``. Returns the new count."""
+    for t in range(qcodes.shape[1]):
+        if count >= m:
+            break
+        hit = torch.unique(qcodes[:, t].long())
+        parts = [members[t, offsets[t, h]:offsets[t, h + 1]] for h in hit.tolist()]
+        cand = torch.unique(torch.cat(parts).long()) if parts else out[:0]
+        new = cand[~mark[cand]]
+        if count + new.numel() > m:
+            order = torch.argsort(lsh_rank(new, key))
+            new = new[order[:m - count]]
+        mark[new] = True
+        out[count:count + new.numel()] = new
+        count += new.numel()
+    return count
+
+
+def lsh_pad_(mark, out, count, m, key):
+    """Fill the set up to ``m`` with the unmarked neurons of smallest ``lsh_rank``."""
+    if count >= m:
+        return count
+    free = torch.nonzero(~mark).view(-1)
+    pick = free[torch.argsort(lsh_rank(free, key))[:m - count]]
+    mark[pick] = True
+    out[count:count + pick.numel()] = pick
+    return count + pick.numel()
+
+
+def lsh_force_(mark, out, count, ids):
+    """Add the distinct ``ids`` not yet in the set (labels forced in, beyond ``m`` if need be)."""
+    new = torch.unique(ids)
+    new = new[~mark[new]]
+    mark[new] = True
+    out[count:count + new.numel()] = new
+    return count + new.numel()
+
+
+def lsh_targets(active, label_offsets, label_ids):
+    """Per sample, the positions in sorted ``active`` of its labels that are active, as CSR
+    (``offsets`` ``[B + 1]``, ``pos`` int64), in the order of ``label_ids``."""
+    B = label_offsets.numel() - 1
+    pos = torch.searchsorted(active, label_ids)
+    hit = pos < active.numel()
+    hit[hit.clone()] = active[pos[hit]] == label_ids[hit]
+    owner = torch.repeat_interleave(torch.arange(B, device=active.device),
+                                    label_offsets[1:] - label_offsets[:-1])
+    counts = torch.bincount(owner[hit], minlength=B)
+    offsets = torch.zeros(B + 1, dtype=torch.int64, device=active.device)
+    offsets[1:] = torch.cumsum(counts, 0)
+    return offsets, pos[hit]
+
+
+def lsh_softmax_loss(logits, tgt_offsets, tgt_pos):
+    """Label-normalised softmax cross-entropy over the active set and its gradient.
+
+    Sample ``b`` with active label positions ``P_b`` (``|P_b| > 0``) contributes
+    ``logsumexp(z_b) - (1/|P_b|) sum_{p in P_b} z_bp``; samples with ``P_b`` empty contribute 0;
+    the loss is the sum over samples divided by ``B``. ``grad[b] = (softmax(z_b) - t_b) / B`` for
+    samples with labels (``t_bp = 1/|P_b|`` on ``P_b``), 0 for the others. Float64 inside."""
+    B = logits.shape[0]
+    z = logits.to(torch.float64)
+    cnt = (tgt_offsets[1:] - tgt_offsets[:-1])
+    has = cnt > 0
+    owner = torch.repeat_interleave(torch.arange(B, device=logits.device), cnt)
+    t = torch.zeros_like(z)
+    t.index_put_((owner, tgt_pos), 1.0 / cnt[owner].to(torch.float64), accumulate=True)
+    lse = torch.logsumexp(z, 1) if z.shape[1] else torch.zeros(B, dtype=torch.float64,
+                                                                 device=z.device)
+    per = torch.where(has, lse - (t * z).sum(1), torch.zeros_like(lse))
+    loss = per.sum() / max(B, 1)
+    grad = torch.where(has[:, None], torch.softmax(z, 1) - t, torch.zeros_like(z)) / max(B, 1)
+    return loss.to(logits.dtype), grad.to(logits.dtype)
