@@ -161,7 +161,8 @@ def dwta_codes(x: Tensor, rows: Tensor, bins: Tensor, bits: int, seed: int, *,
     ``rows [c]`` are the sampled coordinates (the only ones a device receives); ``bins [L, nb, w]``
     index into them. A bin's value is the position of the largest of its ``w`` values (the first on
     ties); a bin whose values are all 0 is empty and borrows the value of another bin of the same
-    row (random probes keyed by ``seed``, then a cyclic scan). Table code: the ``nb`` values of
+    row and table (random probes keyed by ``seed``, then a cyclic scan), so each table's codes
+    do not depend on the other tables. Table code: the ``nb`` values of
     ``log2 w`` bits each, concatenated, kept to ``bits`` bits (``nb log2 w >= bits``)."""
     _float("x", x, 2)
     d = x.shape[1]

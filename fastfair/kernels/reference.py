@@ -316,35 +316,39 @@ def lsh_dwta_codes(x, rows, bins, bits, key, probes):
     """Winner-take-all codes with densification; int32 ``[L, n]``.
 
     ``v[j, l, b, p] = x[j, rows[bins[l, b, p]]]``; bin ``(l, b)`` of row ``j`` is empty when all
-    its ``w`` values are 0, else it holds ``a = argmax_p v`` (first on ties). An empty bin ``g =
-    l nb + b`` takes the value of the first non-empty bin among ``probe(key, g, 0..probes-1)``
-    over the row's ``L nb`` bins, else of the first non-empty bin after ``g`` (cyclically), else
-    0. ``codes[l, j] = (sum_b a_{l b} 2^{b log2 w}) mod 2^bits``."""
+    its ``w`` values are 0, else it holds ``a = argmax_p v`` (first on ties). An empty bin takes
+    the value of bin ``(l, b')`` of the same row and table, ``b'`` the first non-empty among
+    ``probe(key, b, 0..probes-1)`` (mod ``nb``), else the first non-empty after ``b``
+    cyclically, else 0. Densifying within a table, by a probe sequence that does not depend on
+    the table's index, keeps each table's codes independent of the others: tables can be built
+    one at a time or in any grouping. ``codes[l, j] = (sum_b a_{l b} 2^{b log2 w})
+    mod 2^bits``."""
     L, nb, w = bins.shape
     n = x.shape[0]
-    v = x[:, rows][:, bins.reshape(-1)].view(n, L * nb, w)
-    empty = (v == 0).all(2)
-    val = torch.argmax(v, 2)  # first maximal index on ties
-    total = L * nb
-    g = torch.arange(total, device=x.device)
+    v = x[:, rows][:, bins.reshape(-1)].view(n, L, nb, w)
+    empty = (v == 0).all(3)
+    val = torch.argmax(v, 3)  # first maximal index on ties
+    g = torch.arange(nb, device=x.device).expand(L, nb)
+    lsel = torch.arange(L, device=x.device)[:, None]
     filled = val.clone()
     todo = empty.clone()
     for a in range(probes):
         if not bool(todo.any()):
             break
-        src = _dwta_probe(key, g, torch.full_like(g, a), total)
-        take = todo & ~empty[:, src]
-        filled = torch.where(take, val[:, src], filled)
+        src = _dwta_probe(key, g, torch.full_like(g, a), nb)
+        take = todo & ~empty[:, lsel, src]
+        filled = torch.where(take, val[:, lsel, src], filled)
         todo = todo & ~take
-    if bool(todo.any()):
-        for s in range(1, total):
-            src = (g + s) % total
-            take = todo & ~empty[:, src]
-            filled = torch.where(take, val[:, src], filled)
-            todo = todo & ~take
-        filled = torch.where(todo, torch.zeros_like(filled), filled)
+    for s in range(1, nb):
+        if not bool(todo.any()):
+            break
+        src = (torch.arange(nb, device=x.device) + s) % nb
+        take = todo & ~empty[:, :, src]
+        filled = torch.where(take, val[:, :, src], filled)
+        todo = todo & ~take
+    filled = torch.where(todo, torch.zeros_like(filled), filled)
     shift = (w.bit_length() - 1) * torch.arange(nb, device=x.device)
-    codes = (filled.view(n, L, nb) << shift).sum(2) & ((1 << bits) - 1)
+    codes = (filled << shift).sum(2) & ((1 << bits) - 1)
     return codes.T.contiguous().to(torch.int32)
 
 
