@@ -43,6 +43,10 @@ _BLOCK_BYTES = 1 << 24
 _MAX_ID_DIGITS = 18
 # Characters of the longest feature value the parser accepts (far above any float's repr).
 _MAX_VALUE_CHARS = 40
+# Significant digits of a decimal read exactly as an integer (10**15 < 2**53), and the powers of
+# ten it may be divided by, converted exactly from Python ints.
+_PLAIN_DIGITS = 15
+_POWERS_OF_TEN = np.array([float(10 ** k) for k in range(_MAX_VALUE_CHARS + 1)])
 
 # Byte classes of the format: the three separators, line ends, blanks, and token characters.
 _TOKEN, _BLANK, _NEWLINE, _COMMA, _COLON = 0, 1, 2, 3, 4
@@ -343,28 +347,52 @@ def _parse_ids(buf, start, end):
 
 
 def _parse_values(buf, start, end):
-    """Floats of the tokens ``buf[start:end]`` (their bytes copied into a fixed-width bytes array
-    that numpy converts in C) and a mask of the tokens that are not numbers."""
+    """Floats of the tokens ``buf[start:end]`` and a mask of the tokens that are not numbers.
+
+    Plain decimals of at most 15 digits (``1``, ``0.0846``: XC files hold little else) are read
+    column by column as ``mantissa / 10**decimals``, an exact integer over an exact power of ten,
+    which IEEE division rounds correctly, i.e. to what ``float()`` gives. The others (exponents,
+    signs, long mantissas) are copied into a fixed-width bytes array that numpy converts."""
     length = end - start
     bad = length > _MAX_VALUE_CHARS
-    width = int(np.where(bad, 0, length).max(initial=0))
-    chars = np.zeros((start.size, max(width, 1)), dtype=np.uint8)
-    for j in range(width):
+    mantissa = np.zeros(start.size, dtype=np.int64)
+    digits = np.zeros(start.size, dtype=np.int64)
+    decimals = np.zeros(start.size, dtype=np.int64)
+    dots = np.zeros(start.size, dtype=np.int64)
+    plain = np.ones(start.size, dtype=bool)
+    for j in range(int(np.where(bad, 0, length).max(initial=0))):
         live = np.flatnonzero((length > j) & ~bad)
-        chars[live, j] = buf[start[live] + j]
-        bad[live] |= ~_VALUE_CHAR[chars[live, j]]
+        char = buf[start[live] + j]
+        bad[live] |= ~_VALUE_CHAR[char]
+        digit = char.astype(np.int64) - ord("0")
+        is_digit = (digit >= 0) & (digit <= 9)
+        is_dot = char == ord(".")
+        plain[live] &= is_digit | is_dot
+        # Mantissas of more than 15 digits wrap around here; they are not plain and are re-read.
+        mantissa[live] = np.where(is_digit, mantissa[live] * 10 + digit, mantissa[live])
+        digits[live] += is_digit
+        decimals[live] += is_digit & (dots[live] > 0)
+        dots[live] += is_dot
+    fast = plain & ~bad & (dots <= 1) & (digits >= 1) & (digits <= _PLAIN_DIGITS)
     values = np.zeros(start.size, dtype=np.float64)
-    ok = np.flatnonzero(~bad)
-    try:
-        values[ok] = chars[ok].view(f"S{chars.shape[1]}").ravel().astype(np.float64)
-    except ValueError:
-        # Some token made only of number characters is still not a number ("1.2.3", "e"): find
-        # which, one token at a time.
-        for t in ok:
-            try:
-                values[t] = float(chars[t, :length[t]].tobytes())
-            except ValueError:
-                bad[t] = True
+    values[fast] = mantissa[fast] / _POWERS_OF_TEN[decimals[fast]]
+    slow = np.flatnonzero(~fast & ~bad)
+    if slow.size:
+        width = int(length[slow].max())
+        cols = np.arange(width)
+        inside = cols < length[slow, None]
+        chars = np.where(inside, buf[np.minimum(start[slow, None] + cols, buf.size - 1)], 0)
+        texts = chars.astype(np.uint8).view(f"S{width}").ravel()
+        try:
+            values[slow] = texts.astype(np.float64)
+        except ValueError:
+            # Some token made only of number characters is still not a number ("1.2.3", "e"):
+            # find which, one token at a time.
+            for t, text in zip(slow, texts):
+                try:
+                    values[t] = float(text)
+                except ValueError:
+                    bad[t] = True
     bad |= ~np.isfinite(values)
     return values, bad
 
@@ -383,13 +411,16 @@ def _parse_block(buf, num_features, num_labels):
     end = np.flatnonzero(edge == -1)
     before = np.where(start > 0, cls[start - 1], _NEWLINE)
     after = cls[end]
-    newlines = np.flatnonzero(cls == _NEWLINE)
-    line = np.searchsorted(newlines, start)
-    line_start = np.concatenate(([0], newlines[:-1] + 1))
+    # Counts of line ends and of blank runs up to each byte: a token's line, and whether a blank
+    # run separates it from its line's start.
+    is_newline = cls == _NEWLINE
+    line_count = np.cumsum(is_newline, dtype=np.int64)
+    newlines = np.flatnonzero(is_newline)
+    line = line_count[start]
     blank = cls == _BLANK
-    blank_runs = np.flatnonzero(blank & ~np.concatenate(([False], blank[:-1])))
-    first_field = (np.searchsorted(blank_runs, start)
-                   == np.searchsorted(blank_runs, line_start[line]))
+    run_count = np.cumsum(blank & ~np.concatenate(([False], blank[:-1])), dtype=np.int64)
+    runs_before_line = np.where(line > 0, run_count[newlines[np.maximum(line - 1, 0)]], 0)
+    first_field = run_count[start] == runs_before_line
 
     is_value = before == _COLON
     is_feature = after == _COLON
