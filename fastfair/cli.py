@@ -209,6 +209,10 @@ def build_parser() -> argparse.ArgumentParser:
                               f"{','.join(COMPRESSORS)}, each run with every method and tier "
                               "mix (default: %(default)s)")
     _add_common(compare)
+    # Parsed by fastfair.xc_cli; listed here so ``fastfair --help`` shows it.
+    commands.add_parser("xc", add_help=False,
+                        help="extreme classification with LSH output layers (PGHash); "
+                             "see fastfair xc --help")
     return parser
 
 
@@ -723,6 +727,9 @@ def _setup(argv: list):
 
 def main(argv: Optional[list] = None) -> int:
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    if argv[:1] == ["xc"]:
+        from .xc_cli import main as xc_main
+        return xc_main(argv[1:])
     try:
         args, out, data, runs = _setup(argv)
     except SystemExit as done:  # --help, --version

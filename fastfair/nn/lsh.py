@@ -262,14 +262,17 @@ class LSHOutputLayer(nn.Module):
         return active
 
     def forward(self, x: Tensor, label_offsets: Optional[Tensor] = None,
-                label_ids: Optional[Tensor] = None):
+                label_ids: Optional[Tensor] = None, *, active: Optional[Tensor] = None):
+        """Eval: ``[B, n]`` logits. Training: ``LSHOutput`` over the batch's active set, or over
+        ``active`` when given (sorted distinct ids, e.g. a federated device's selection)."""
         if x.dim() != 2 or x.shape[1] != self.in_features:
             raise ValueError(f"x must be [batch, {self.in_features}], got {tuple(x.shape)}")
         if not self.training:
             return nn.functional.linear(x, self.weight, self.bias)
         if label_ids is not None:
             lsh._labels(label_offsets, label_ids, x.shape[0], self.out_features)
-        active = self.select(x, label_ids)
+        if active is None:
+            active = self.select(x, label_ids)
         return LSHOutput(lsh.lsh_linear(x, self.weight, self.bias, active, sparse=self.sparse),
                          active)
 

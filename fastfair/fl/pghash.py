@@ -1,0 +1,281 @@
+"""Extreme classification with an LSH output layer (PGHash), centralised or federated.
+
+Network (the reference code's): sparse features ``f`` -> ``Dense(d) + ReLU`` -> output layer
+``W [n, d]`` over the ``n`` labels, trained with the label-normalised softmax over each batch's
+active neurons (``fastfair.nn.LSHOutputLayer``). Methods: ``dense`` (every neuron, the full
+softmax), ``pg``, ``dwta``, ``simhash`` (LSH selection at the budget) and ``sampled`` (the labels
+plus random neurons up to the budget: sampled softmax).
+
+Optimisers: Adam on the first layer, ``torch.optim.SparseAdam`` on the output layer, so an
+inactive neuron's weights and moments do not move (unlike the reference code, whose Adam moves
+them all). The dense method uses the same pair with every neuron active.
+
+Federated (``devices >= 2``; the loop of the reference code). The training points are split at
+random over the devices. Every round each device, with its own private hash functions (its seed
+is drawn from the run's; bits, tables, sketch size and rehash period from its tier):
+
+1. downloads the dense first layer and, on its rehash rounds, what hashing needs of ``W`` (the
+   ``[n, c]`` sketch for ``pg``, ``c`` sampled columns for ``dwta``, ``W`` itself for
+   ``simhash``), from which it builds its tables;
+2. draws its ``local_steps`` batches, computes their hidden vectors and selects its active set
+   ``A`` (labels forced in, budget ``floor(budget n)``) from its own data;
+3. downloads only ``W[A]`` and ``b[A]``, trains ``local_steps`` steps on them (Adam state kept on
+   the device for the first layer and, lazily, for the rows it trains), and uploads the first layer
+   and ``W[A], b[A]``.
+
+The server averages the first layer over the devices (weights = their numbers of points) and each
+output neuron over the devices that trained it (weights renormalised per neuron); neurons nobody
+trained keep their value. Bytes down and up are counted exactly per device (float32 values,
+int32 ids).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+
+import torch
+from torch import Tensor, nn
+
+from ..kernels import hashing
+from ..nn.lsh import LSHOutputLayer, select
+from .xc import XCData, precision_at_k
+
+METHODS = ("dense", "pg", "dwta", "simhash", "sampled")
+_HASH = {"dense": "pg", "pg": "pg", "dwta": "dwta", "simhash": "simhash", "sampled": "random"}
+_DEVICE_SALT = 0x82EFA98E
+BYTES = 4
+
+
+@dataclasses.dataclass
+class XCConfig:
+    method: str = "pg"
+    budget: float = 0.25
+    hidden: int = 128
+    sketch_dim: int = 8
+    bits: int = 8
+    tables: int = 50
+    rehash_every: int = 1
+    signed_fold: bool = False
+    force_labels: bool = True
+    serial: bool = False
+    lr: float = 1e-3
+    batch_size: int = 128
+    epochs: int = 10
+    devices: int = 1
+    local_steps: int = 1
+    seed: int = 0
+    backend: str = "auto"
+
+    def check(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        for name in ("hidden", "sketch_dim", "bits", "tables", "rehash_every", "batch_size",
+                     "epochs", "devices", "local_steps"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr must be a positive number, got {self.lr!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not (
+                0 <= self.seed < hashing.MAX_SEED):
+            raise ValueError(f"seed must be an int in [0, 2**32), got {self.seed!r}")
+
+    @property
+    def effective_budget(self) -> float:
+        return 1.0 if self.method == "dense" else self.budget
+
+
+class XCNet(nn.Module):
+    """``features -> EmbeddingBag(sum) + bias -> ReLU -> LSHOutputLayer``."""
+
+    def __init__(self, num_features: int, num_labels: int, cfg: XCConfig, seed: int):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.first = nn.EmbeddingBag(num_features, cfg.hidden, mode="sum")
+        bound = 1 / math.sqrt(num_features)
+        with torch.no_grad():
+            self.first.weight.uniform_(-bound, bound, generator=g)
+        self.first_bias = nn.Parameter(torch.zeros(cfg.hidden))
+        self.out = LSHOutputLayer(cfg.hidden, num_labels, hash=_HASH[cfg.method],
+                                  sketch_dim=min(cfg.sketch_dim, cfg.hidden), bits=cfg.bits,
+                                  tables=cfg.tables, budget=cfg.effective_budget,
+                                  rehash_every=cfg.rehash_every, signed_fold=cfg.signed_fold,
+                                  force_labels=cfg.force_labels, serial=cfg.serial, seed=seed,
+                                  backend=cfg.backend)
+        with torch.no_grad():
+            bound = 1 / math.sqrt(cfg.hidden)
+            self.out.weight.uniform_(-bound, bound, generator=g)
+            self.out.bias.uniform_(-bound, bound, generator=g)
+
+    def hidden(self, batch) -> Tensor:
+        h = self.first(batch.indices, batch.offsets, per_sample_weights=batch.weights)
+        return torch.relu(h + self.first_bias)
+
+
+def _optimizers(net: XCNet, lr: float) -> list:
+    return [torch.optim.Adam([net.first.weight, net.first_bias], lr=lr),
+            torch.optim.SparseAdam([net.out.weight, net.out.bias], lr=lr)]
+
+
+def evaluate(net: XCNet, data: XCData, ks=(1, 3, 5), batch_size: int = 1024) -> dict:
+    """P@k of the full output layer on ``data`` (top-k in chunks, never ``[B, n]`` at once)."""
+    was = net.training
+    net.eval()
+    tops = []
+    with torch.no_grad():
+        for i in range(0, len(data), batch_size):
+            b = data.batch(torch.arange(i, min(i + batch_size, len(data))))
+            tops.append(net.out.topk(net.hidden(b), max(ks))[1])
+    net.train(was)
+    top = torch.cat(tops) if tops else torch.empty(0, max(ks), dtype=torch.int64)
+    return {f"P@{k}": v for k, v in precision_at_k(top, data.label_indptr, data.label_ids,
+                                                   ks).items()}
+
+
+def _device_seed(seed: int, device: int) -> int:
+    return hashing.fmix32_int((hashing.fmix32_int(seed ^ _DEVICE_SALT) + device * hashing.GOLDEN)
+                              & hashing.MASK32)
+
+
+class XCTrainer:
+    """Centralised (``devices = 1``) or federated training; ``run_epoch`` then ``evaluate``."""
+
+    def __init__(self, train: XCData, test: XCData, cfg: XCConfig):
+        cfg.check()
+        if train.num_labels != test.num_labels or train.num_features != test.num_features:
+            raise ValueError("train and test disagree on num_features / num_labels")
+        if cfg.devices > len(train):
+            raise ValueError(f"devices={cfg.devices} exceeds the {len(train)} training points")
+        self.cfg, self.train_data, self.test = cfg, train, test
+        self.gen = torch.Generator().manual_seed(cfg.seed)
+        self.net = XCNet(train.num_features, train.num_labels, cfg, cfg.seed)
+        self.n = train.num_labels
+        self.m = self.net.out.m
+        self.totals = {"bytes_down": 0, "bytes_up": 0, "active": 0, "steps": 0}
+        self.epoch = 0
+        if cfg.devices == 1:
+            self.opts = _optimizers(self.net, cfg.lr)
+        else:
+            self.parts = train.split(cfg.devices, seed=cfg.seed)
+            self.locals = []
+            for d in range(cfg.devices):
+                net = XCNet(train.num_features, train.num_labels, cfg, _device_seed(cfg.seed, d))
+                self.locals.append({"net": net, "opts": _optimizers(net, cfg.lr), "tables": None,
+                                    "round": 0})
+            self.weights = torch.tensor([float(len(p)) for p in self.parts])
+            self.weights /= self.weights.sum()
+
+    # ---------------------------------------------------------------- centralised
+    def _step(self, net, opts, batch, active=None) -> float:
+        x = net.hidden(batch)
+        out = net.out(x, batch.label_offsets, batch.label_ids, active=active)
+        loss = net.out.loss(out, batch.label_offsets, batch.label_ids)
+        for o in opts:
+            o.zero_grad(set_to_none=True)
+        loss.backward()
+        for o in opts:
+            o.step()
+        self.totals["active"] += out.active.numel()
+        self.totals["steps"] += 1
+        return float(loss.detach())
+
+    def run_epoch(self) -> dict:
+        t0 = time.perf_counter()
+        losses = []
+        if self.cfg.devices == 1:
+            order = torch.randperm(len(self.train_data), generator=self.gen)
+            for i in range(0, len(order), self.cfg.batch_size):
+                batch = self.train_data.batch(order[i:i + self.cfg.batch_size])
+                losses.append(self._step(self.net, self.opts, batch))
+        else:
+            steps = max(len(p) for p in self.parts) // (self.cfg.batch_size * self.cfg.local_steps)
+            for _ in range(max(1, steps)):
+                losses.append(self.run_round())
+        self.epoch += 1
+        return {"epoch": self.epoch, "loss": sum(losses) / max(len(losses), 1),
+                "seconds": time.perf_counter() - t0,
+                "active_mean": self.totals["active"] / max(self.totals["steps"], 1)}
+
+    # ---------------------------------------------------------------- federated
+    def run_round(self) -> float:
+        g = self.net
+        first_acc = torch.zeros_like(g.first.weight)
+        fb_acc = torch.zeros_like(g.first_bias)
+        w_acc = torch.zeros_like(g.out.weight)
+        b_acc = torch.zeros_like(g.out.bias)
+        w_sum = torch.zeros(self.n)
+        losses = []
+        d_first = g.first.weight.numel() + g.first_bias.numel()
+        for d, (part, loc) in enumerate(zip(self.parts, self.locals)):
+            net, fam = loc["net"], loc["net"].out.family
+            down = d_first
+            with torch.no_grad():
+                net.first.weight.copy_(g.first.weight)
+                net.first_bias.copy_(g.first_bias)
+            idx = [torch.randint(0, len(part), (min(self.cfg.batch_size, len(part)),),
+                                 generator=self.gen) for _ in range(self.cfg.local_steps)]
+            batches = [part.batch(i) for i in idx]
+            if self.m == self.n:
+                active = torch.arange(self.n)
+            else:
+                with torch.no_grad():
+                    x = torch.cat([net.hidden(b) for b in batches])
+                    labels = (torch.cat([b.label_ids for b in batches])
+                              if self.cfg.force_labels else None)
+                    tables = None
+                    if fam.kind != "random":
+                        if loc["tables"] is None or loc["round"] % self.cfg.rehash_every == 0:
+                            src = fam.source(g.out.weight.detach())
+                            down += src.numel()
+                            loc["tables"] = fam.build(src)
+                        tables = loc["tables"]
+                    sel_seed = _device_seed(fam.seed, loc["round"])
+                    active = select(fam, x, self.n, self.m, tables=tables, labels=labels,
+                                    seed=sel_seed, backend=fam.backend)
+            loc["round"] += 1
+            with torch.no_grad():
+                net.out.weight[active] = g.out.weight[active]
+                net.out.bias[active] = g.out.bias[active]
+            a = active.numel()
+            down += a * (g.out.weight.shape[1] + 1)
+            up = a + d_first + a * (g.out.weight.shape[1] + 1)  # the ids requested, then the update
+            for b in batches:
+                losses.append(self._step(net, loc["opts"], b, active=active))
+            p = float(self.weights[d])
+            with torch.no_grad():
+                first_acc.add_(net.first.weight, alpha=p)
+                fb_acc.add_(net.first_bias, alpha=p)
+                w_acc.index_add_(0, active, net.out.weight[active], alpha=p)
+                b_acc.index_add_(0, active, net.out.bias[active], alpha=p)
+                w_sum.index_add_(0, active, torch.full((a,), p))
+            self.totals["bytes_down"] += BYTES * down
+            self.totals["bytes_up"] += BYTES * up
+        with torch.no_grad():
+            g.first.weight.copy_(first_acc)
+            g.first_bias.copy_(fb_acc)
+            hit = torch.nonzero(w_sum > 0).view(-1)
+            g.out.weight[hit] = w_acc[hit] / w_sum[hit, None]
+            g.out.bias[hit] = b_acc[hit] / w_sum[hit]
+        return sum(losses) / max(len(losses), 1)
+
+    def evaluate(self) -> dict:
+        return evaluate(self.net, self.test)
+
+
+def train(train_data: XCData, test_data: XCData, cfg: XCConfig, on_eval=None,
+          eval_every: int = 1) -> list:
+    """Train ``cfg.epochs`` epochs, evaluating every ``eval_every`` and after the last; returns
+    the evaluation records."""
+    tr = XCTrainer(train_data, test_data, cfg)
+    records = []
+    for e in range(1, cfg.epochs + 1):
+        stats = tr.run_epoch()
+        if e % eval_every == 0 or e == cfg.epochs:
+            rec = {"method": cfg.method, "budget": cfg.effective_budget, "devices": cfg.devices,
+                   **stats, **tr.evaluate(), "bytes_down": tr.totals["bytes_down"],
+                   "bytes_up": tr.totals["bytes_up"]}
+            records.append(rec)
+            if on_eval is not None:
+                on_eval(rec)
+    return records
