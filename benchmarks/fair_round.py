@@ -31,7 +31,6 @@ import gc
 import json
 import os
 import pathlib
-import platform
 import shlex
 import statistics
 import subprocess
@@ -54,6 +53,7 @@ from fastfair.optim import DeferredAdam
 
 HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+from machine import commit, cpu_model, package_changes, versions  # noqa: E402
 from memory import status_kb  # noqa: E402  (a sibling script, not a package)
 ROUND = dict(method="fair", arch="neumf", dim=8, tiers="2:0-1", clients_per_round=10,
              local_epochs=5, batch_size=512, lr=1e-3, optimizer="adam", loss="bpr", negatives=1,
@@ -414,41 +414,6 @@ def time_rounds(data: InteractionData, rounds: int) -> dict:
             "hashed_memory_size": next(m for m in sizes if m is not None)}
 
 
-def _cpu_model() -> str:
-    with open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
-
-
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, check=True, cwd=HERE).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def _package_changes() -> list:
-    """Package files that differ from the recorded commit (the run used the working tree)."""
-    try:
-        out = subprocess.run(["git", "status", "--porcelain", "--", "fastfair"],
-                             capture_output=True, text=True, check=True, cwd=HERE.parent).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return []
-    return [line[3:] for line in out.splitlines()]
-
-
-def _versions() -> dict:
-    import numpy
-
-    import fastfair
-    return {"python": platform.python_version(), "torch": torch.__version__,
-            "numpy": numpy.__version__, "numba": numba.__version__,
-            "fastfair": fastfair.__version__}
-
-
 def table(doc: dict) -> str:
     """The markdown summary of a results document."""
     t, m, ratios = doc["round"], doc["memory"], doc["ratios"]
@@ -511,12 +476,12 @@ def main() -> None:
         "benchmark": "fair_round",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": shlex.join(["python", os.path.relpath(__file__), *sys.argv[1:]]),
-        "commit": _commit(),
-        "uncommitted_package_changes": _package_changes(),
-        "machine": {"cpu": _cpu_model(), "cores": os.cpu_count(),
+        "commit": commit(),
+        "uncommitted_package_changes": package_changes(),
+        "machine": {"cpu": cpu_model(), "cores": os.cpu_count(),
                     "torch_threads": torch.get_num_threads(),
                     "numba_threads": numba.get_num_threads()},
-        "versions": _versions(),
+        "versions": versions(),
         "dataset": {"name": data.name, "users": data.num_users, "items": data.num_items,
                     "train_interactions": data.num_train},
         "config": ROUND,
