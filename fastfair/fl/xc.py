@@ -1,7 +1,8 @@
 """Extreme multi-label classification (XC) data and metrics.
 
 File format (the Extreme Classification Repository's text format, as read by pyxclib): line 1 is
-``num_points num_features num_labels``; each of the next ``num_points`` lines describes one point as
+``num_points num_features num_labels``; each of the next ``num_points`` lines describes one
+point as
 
     l1,l2,...,lm f1:v1 f2:v2 ... fn:vn
 
@@ -36,9 +37,10 @@ from torch import Tensor
 
 __all__ = ["XCBatch", "XCData", "load_xc", "load_xc_split", "precision_at_k", "synthetic_xc"]
 
-# Bytes of a file parsed at once: bounds the parser's scratch arrays (about 30 bytes of them per
-# input byte) whatever the file size.
-_BLOCK_BYTES = 1 << 24
+# Bytes of a file parsed at once: bounds the parser's scratch arrays (tens of bytes per input
+# byte) whatever the file size, and keeps them cache-friendly (4 MiB parsed ~1.7x faster than
+# 16 MiB blocks).
+_BLOCK_BYTES = 1 << 22
 # Digits of the longest id the parser accepts: 10**18 - 1 still fits in int64.
 _MAX_ID_DIGITS = 18
 # Characters of the longest feature value the parser accepts (far above any float's repr).
@@ -164,7 +166,8 @@ class XCData:
     """``N`` points with sparse features over ``num_features`` and label sets over ``num_labels``.
 
     Point ``i`` has features ``feat_indices[feat_indptr[i]:feat_indptr[i + 1]]`` with values
-    ``feat_values[...]`` (same slice) and labels ``label_ids[label_indptr[i]:label_indptr[i + 1]]``.
+    ``feat_values[...]`` (same slice) and labels
+    ``label_ids[label_indptr[i]:label_indptr[i + 1]]``.
     Index tensors are int64, values float32 and finite, all on the CPU; each row's ids are sorted
     and unique. The constructor checks all of this and raises TypeError/ValueError naming the first
     violation.
@@ -261,7 +264,8 @@ class XCData:
                        self.label_ids[label_pos])
 
     def subset(self, idx: Tensor, name: str | None = None) -> "XCData":
-        """A new dataset of points ``idx`` in that order (named ``name``, by default as this one)."""
+        """A new dataset of points ``idx`` in that order, named ``name`` (by default as this
+        one)."""
         if name is not None and not isinstance(name, str):
             raise TypeError(f"name must be a str or None, got {name!r}")
         b = self.batch(idx)
@@ -332,17 +336,20 @@ def _parse_header(path, line):
 
 def _parse_ids(buf, start, end):
     """Integers of the tokens ``buf[start:end]`` and a mask of the tokens that are not
-    ``-?[0-9]{1,18}``. Digits are accumulated column by column: one vectorised pass per digit."""
+    ``-?[0-9]{1,18}``. Digits are accumulated column by column: one vectorised pass per digit
+    position, over all tokens."""
     negative = buf[start] == ord("-")
     first = start + negative
     length = end - first
     bad = (length == 0) | (length > _MAX_ID_DIGITS)
     value = np.zeros(start.size, dtype=np.int64)
+    last = buf.size - 1
+    # Whole-array passes with masks beat gathering the live tokens of each column.
     for j in range(min(int(length.max(initial=0)), _MAX_ID_DIGITS)):
-        live = np.flatnonzero(length > j)
-        digit = buf[first[live] + j].astype(np.int64) - ord("0")
-        bad[live] |= (digit < 0) | (digit > 9)
-        value[live] = value[live] * 10 + digit
+        live = length > j
+        digit = buf[np.minimum(first + j, last)] - np.uint8(ord("0"))   # wraps below "0"
+        bad |= live & (digit > 9)
+        value = np.where(live, value * 10 + digit, value)
     return np.where(negative, -value, value), bad
 
 
@@ -355,24 +362,25 @@ def _parse_values(buf, start, end):
     signs, long mantissas) are copied into a fixed-width bytes array that numpy converts."""
     length = end - start
     bad = length > _MAX_VALUE_CHARS
+    length = np.where(bad, 0, length)
     mantissa = np.zeros(start.size, dtype=np.int64)
     digits = np.zeros(start.size, dtype=np.int64)
     decimals = np.zeros(start.size, dtype=np.int64)
     dots = np.zeros(start.size, dtype=np.int64)
     plain = np.ones(start.size, dtype=bool)
-    for j in range(int(np.where(bad, 0, length).max(initial=0))):
-        live = np.flatnonzero((length > j) & ~bad)
-        char = buf[start[live] + j]
-        bad[live] |= ~_VALUE_CHAR[char]
-        digit = char.astype(np.int64) - ord("0")
-        is_digit = (digit >= 0) & (digit <= 9)
-        is_dot = char == ord(".")
-        plain[live] &= is_digit | is_dot
+    last = buf.size - 1
+    for j in range(int(length.max(initial=0))):
+        live = length > j
+        char = buf[np.minimum(start + j, last)]
+        bad |= live & ~_VALUE_CHAR[char]
+        is_digit = live & (char - np.uint8(ord("0")) <= 9)
+        is_dot = live & (char == ord("."))
+        plain &= ~live | is_digit | is_dot
         # Mantissas of more than 15 digits wrap around here; they are not plain and are re-read.
-        mantissa[live] = np.where(is_digit, mantissa[live] * 10 + digit, mantissa[live])
-        digits[live] += is_digit
-        decimals[live] += is_digit & (dots[live] > 0)
-        dots[live] += is_dot
+        mantissa = np.where(is_digit, mantissa * 10 + (char - np.uint8(ord("0"))), mantissa)
+        digits += is_digit
+        decimals += is_digit & (dots > 0)
+        dots += is_dot
     fast = plain & ~bad & (dots <= 1) & (digits >= 1) & (digits <= _PLAIN_DIGITS)
     values = np.zeros(start.size, dtype=np.float64)
     values[fast] = mantissa[fast] / _POWERS_OF_TEN[decimals[fast]]
@@ -380,9 +388,9 @@ def _parse_values(buf, start, end):
     if slow.size:
         width = int(length[slow].max())
         cols = np.arange(width)
-        inside = cols < length[slow, None]
-        chars = np.where(inside, buf[np.minimum(start[slow, None] + cols, buf.size - 1)], 0)
-        texts = chars.astype(np.uint8).view(f"S{width}").ravel()
+        chars = buf[np.minimum(start[slow, None] + cols, buf.size - 1)]
+        chars[cols >= length[slow, None]] = 0
+        texts = chars.view(f"S{width}").ravel()
         try:
             values[slow] = texts.astype(np.float64)
         except ValueError:
@@ -411,16 +419,13 @@ def _parse_block(buf, num_features, num_labels):
     end = np.flatnonzero(edge == -1)
     before = np.where(start > 0, cls[start - 1], _NEWLINE)
     after = cls[end]
-    # Counts of line ends and of blank runs up to each byte: a token's line, and whether a blank
-    # run separates it from its line's start.
-    is_newline = cls == _NEWLINE
-    line_count = np.cumsum(is_newline, dtype=np.int64)
-    newlines = np.flatnonzero(is_newline)
-    line = line_count[start]
-    blank = cls == _BLANK
-    run_count = np.cumsum(blank & ~np.concatenate(([False], blank[:-1])), dtype=np.int64)
-    runs_before_line = np.where(line > 0, run_count[newlines[np.maximum(line - 1, 0)]], 0)
-    first_field = run_count[start] == runs_before_line
+    newlines = np.flatnonzero(cls == _NEWLINE)
+    line = np.searchsorted(newlines, start)
+    # A token is in its line's first field if it starts before the line's first blank.
+    blanks = np.flatnonzero(cls == _BLANK)
+    line_starts = np.concatenate(([0], newlines[:-1] + 1))
+    first_blank = np.append(blanks, buf.size)[np.searchsorted(blanks, line_starts)]
+    first_field = start < first_blank[line]
 
     is_value = before == _COLON
     is_feature = after == _COLON
@@ -457,25 +462,24 @@ def _parse_block(buf, num_features, num_labels):
             values)
 
 
-def _describe(path, body, line_number, bad):
-    """The error for ``bad`` (a position in ``body``): file, line and the blank-separated field."""
-    left = max(body.rfind(b" ", 0, bad.pos), body.rfind(b"\t", 0, bad.pos),
-               body.rfind(b"\n", 0, bad.pos)) + 1
-    right = min(p for p in (body.find(b" ", bad.pos), body.find(b"\t", bad.pos),
-                            body.find(b"\n", bad.pos), len(body)) if p >= 0)
-    field = body[left:right].decode(errors="replace").rstrip("\r")
-    if bad.problem == "malformed":
-        return ValueError(f"{path}, line {line_number}: malformed field {field!r}, every point "
-                          f"line must read {_LAYOUT}")
-    if bad.problem == "unparsable":
-        token = body[bad.pos:right].split(b",")[0].split(b":")[0].decode(errors="replace")
-        if body[bad.pos - 1:bad.pos] == b":":
-            what = "feature value (a finite number)"
-        else:
-            what = "id (an integer)"
-        return ValueError(f"{path}, line {line_number}: unparsable token {token!r} in field "
-                          f"{field!r}, expected a {what}")
-    return ValueError(f"{path}, line {line_number}: {bad.problem} in field {field!r}")
+def _describe(path, text, line_number, pos, problem):
+    """The error for ``problem`` at byte ``pos`` of line ``text``: it names the file, the line and
+    the blank-separated field there."""
+    left = max(text.rfind(b" ", 0, pos), text.rfind(b"\t", 0, pos)) + 1
+    right = min(p for p in (text.find(b" ", pos), text.find(b"\t", pos), text.find(b"\r", pos),
+                            len(text)) if p >= 0)
+    field = text[left:right].decode(errors="replace")
+    where = f"{path}, line {line_number}"
+    if problem == "malformed":
+        return ValueError(f"{where}: malformed field {field!r}, every point line must read "
+                          f"{_LAYOUT}")
+    if problem == "unparsable":
+        token = text[pos:right].split(b",")[0].split(b":")[0].decode(errors="replace")
+        value = text[pos - 1:pos] == b":"
+        what = "feature value (a finite number)" if value else "id (an integer)"
+        return ValueError(f"{where}: unparsable token {token!r} in field {field!r}, expected a "
+                          f"{what}")
+    return ValueError(f"{where}: {problem} in field {field!r}")
 
 
 def _sort_rows(path, what, rows, ids, values=None):
@@ -496,19 +500,19 @@ def _load(path, normalize, name):
     if not path.is_file():
         raise FileNotFoundError(f"no such file: {path}")
     raw = path.read_bytes()
+    if not raw.endswith(b"\n"):
+        raw += b"\n"
     header_end = raw.find(b"\n")
-    header_end = len(raw) if header_end < 0 else header_end
     num_points, num_features, num_labels = _parse_header(path, raw[:header_end])
-    body = raw[header_end + 1:]
-    if body and not body.endswith(b"\n"):
-        body += b"\n"
-    buf = np.frombuffer(body, dtype=np.uint8)
+    # A view of the file after the header line: a 1 GB file is not copied.
+    buf = np.frombuffer(raw, dtype=np.uint8)[header_end + 1:]
     newlines = np.flatnonzero(buf == ord("\n"))
     if newlines.size > num_points:
-        tail = body[newlines[num_points - 1] + 1 if num_points else 0:]
-        if tail.strip():
-            raise ValueError(f"{path}: the header announces {num_points} points but the file has "
-                             f"more non-blank lines (line {num_points + 2} is not blank)")
+        tail = buf[newlines[num_points - 1] + 1 if num_points else 0:].tobytes().split(b"\n")
+        extra = [number for number, text in enumerate(tail, num_points + 2) if text.strip()]
+        if extra:
+            raise ValueError(f"{path}: the header announces {num_points} points but line "
+                             f"{extra[0]}, after them, is not blank")
         newlines = newlines[:num_points]
     elif newlines.size < num_points:
         raise ValueError(f"{path}: the header announces {num_points} points but the file has "
@@ -525,9 +529,11 @@ def _load(path, normalize, name):
             lab_rows, lab_ids, feat_rows, feat_ids, values = _parse_block(
                 buf[block_start:block_end], num_features, num_labels)
         except _Bad as bad:
-            line = first + int(np.searchsorted(newlines[first:last + 1], block_start + bad.pos))
-            bad.pos += block_start
-            raise _describe(path, body, line + 2, bad) from None
+            pos = block_start + bad.pos
+            line = first + int(np.searchsorted(newlines[first:last + 1], pos))
+            line_start = newlines[line - 1] + 1 if line else 0
+            raise _describe(path, buf[line_start:newlines[line]].tobytes(), line + 2,
+                            pos - line_start, bad.problem) from None
         parts.append((lab_rows + first, lab_ids, feat_rows + first, feat_ids, values))
         first = last + 1
 
@@ -547,13 +553,14 @@ def load_xc(path, normalize: bool = True) -> XCData:
     """Read one file of the XC repository's text format (see the module docstring), named after
     the file's stem.
 
-    Parsing is vectorised over the bytes of the file (blocks of 16 MiB), not a Python loop over
-    lines or tokens: Delicious' train file (12,920 lines, 2.3 MB) loads in ~0.04 s. Labels and
-    features of a line may come in any order; they are stored sorted. A missing file raises
-    FileNotFoundError; a bad header, a number of lines that disagrees with it, a malformed field,
-    an unparsable token, an id out of range (negative, or >= num_labels / num_features), a
-    repeated id within a line or a non-finite value raise ValueError naming the file, the line and
-    the offending token. ``normalize`` scales each point's features to unit L2 norm.
+    Parsing is vectorised over the bytes of the file (blocks of 4 MiB), not a Python loop over
+    lines or tokens: Delicious' train file (12,920 lines, 2.3 MB) loads in ~0.09 s and a file of
+    10^6 points (278 MB) in ~6 s of CPU time. Labels and features of a line may come in any
+    order; they are stored sorted. A missing file raises FileNotFoundError; a bad header, a
+    number of lines that disagrees with it, a malformed field, an unparsable token, an id out of
+    range (negative, or >= num_labels / num_features), a repeated id within a line or a
+    non-finite value raise ValueError naming the file, the line and the offending token.
+    ``normalize`` scales each point's features to unit L2 norm.
     """
     path = _check_path("path", path)
     normalize = _check_bool("normalize", normalize)
@@ -597,7 +604,7 @@ def synthetic_xc(num_points: int = 10_000, num_features: int = 5_000, num_labels
     - draws a cluster ``c`` with probability ``∝ r_c ** -zipf``;
     - draws ``labels_per_point`` labels of ``c`` with replacement, label of rank ``q`` with
       probability ``∝ q ** -zipf``; repeats merge, so a point has 1 .. ``labels_per_point``
-      labels (3.9 on average with the defaults);
+      labels (4.5 on average with the defaults);
     - fills ``features_per_point`` feature slots: with probability ``noise`` a feature uniform
       over all ``num_features``, otherwise a feature uniform over the signature of one of its label
       draws (chosen uniformly); each slot's value is uniform in [0.5, 1.5), repeats add up, and
@@ -605,8 +612,9 @@ def synthetic_xc(num_points: int = 10_000, num_features: int = 5_000, num_labels
 
     So the features reveal the cluster and, less surely, the labels within it: a linear model
     (e.g. label centroids of the training features) ranks the true labels far above chance and
-    above label popularity. Vectorised numpy: 10^6 labels x 10^5 points (plus 2*10^4 test points)
-    build in ~1.5 s.
+    above label popularity (test P@1 0.75 vs 0.21 and chance 0.008 at 3,000 x 1,000 x 500).
+    Vectorised numpy: 10^6 labels x 10^5 points (1,000 clusters, plus 2*10^4 test points) build
+    in ~1.1 s of CPU time.
     """
     num_points = _check_int("num_points", num_points, 1)
     num_features = _check_int("num_features", num_features, 1)
