@@ -946,3 +946,336 @@ def _nearest_(x, center, d2, labels, j):
 def kmeans_seed(x, first, uniforms, plusplus):
     """The k-means init (math in ``reference.kmeans_seed``): its loop with this backend's step."""
     return seed_loop(x, first, uniforms, plusplus, _nearest_)
+
+
+# ---------------------------------------------------------------- LSH output layers (PGHash)
+# The code and loss ops of ``fastfair.kernels.lsh`` (math in ``reference.lsh_*``). Buckets and the
+# selection (force / union / pad) have no Triton kernel: their ``auto`` fallback is ``reference``.
+#
+# * ``lsh_fold``: grid ``(ceil(n / BR), ceil(c / BC))``; a program folds ``BR`` rows on ``BC``
+#   sketch columns, reading the row ``NF`` folds at a time as an ``[BR, NF, BC]`` tile
+#   (element ``(r, t, i)`` is ``x[r, t c + i]``: for a power-of-two ``c`` one contiguous span of
+#   ``NF c`` values per row) summed over ``NF``; signs applied in registers.
+# * ``lsh_pg_codes``: grid ``ceil(n / BR)``, one program per block of ``BR`` neurons computing all
+#   ``L k`` sign bits. The fold is fused: when ``c <= BC`` (``ONE_CHUNK``) the ``[BR, c]`` sketch
+#   is built once in registers and reused for every table; otherwise it is rebuilt chunk by chunk
+#   for every block of tables (re-reads of ``x`` hit the cache). No ``[n, c]`` array is written.
+#   Tables go ``TB`` at a time as ``TB KP`` projections (``KP = next_pow2(k)``, padded ones masked):
+#   dots ``[BR, TB KP]`` by ``tl.dot(input_precision="ieee")`` in float32 when every side is
+#   >= 16 (never TF32: the sign of a near-zero dot is the output), else as a broadcast product
+#   summed over ``BC``; then ``[dot > 0] 2^b`` summed per table (distinct powers of two: no carry)
+#   and ``TB`` int32 codes stored per row, each table's ``BR`` codes contiguous in ``[L, n]``.
+#   Accumulation in float32 (float64 for float64 inputs): bits can differ from the float64
+#   reference only where the dot is within rounding of 0.
+# * ``lsh_dwta_codes``: grid ``ceil(n / BR)``; tables ``TBL`` at a time, a ``[BR, TBL NBP, w]``
+#   tile of gathered values ``x[j, rows[bins[l, b, p]]]`` (``rows[bins]`` resolved once on the
+#   host, ``NBP = next_pow2(nb)``), ``tl.argmax(tie_break_left=True)`` and the all-zero test per
+#   bin. Densification within each table, in registers: the probe ``fmix32(fmix32(b ^ key) +
+#   a GOLDEN) mod nb`` (uint32 wrap-around arithmetic with the ``_fmix32`` above) and then the
+#   cyclic scan ``(b + s) mod nb`` depend only on the bin's index ``b``, so each step gathers the
+#   source bins' ``w`` values (masked to the bins still empty) and recomputes their argmax; both
+#   loops stop as soon as no bin of the tile is left. A (row, table) whose bins are all empty
+#   (code 0) never enters them. Codes are built in int64 (``a << (b log2 w)`` only for
+#   ``b log2 w < bits <= 31``), masked to ``bits`` and stored as int32.
+# * ``lsh_softmax_loss``: grid ``B``, one program per row: an online max / sum-exp over ``M`` in
+#   blocks of ``BM`` (float32, float64 for float64 logits), the targets' logits read through the
+#   CSR, then a second pass writes ``(softmax - t) / B`` with ``t`` built per block from the
+#   row's target positions (an ``[BT, BM]`` equality count: repeated positions add up as in the
+#   reference, no atomics, deterministic). Per-row losses go to a ``[B]`` buffer summed in float64
+#   by torch.
+# Values per tile (4 warps): about 16 per thread for gathered / folded values, 32 for the
+# projection's broadcast product; half that in float64. Larger tiles spill or cut occupancy.
+LSH_FOLD_TILE = 2048
+LSH_PG_TILE = 4096
+LSH_DWTA_TILE = 1024
+LSH_SOFTMAX_BLOCK = 1024
+LSH_SOFTMAX_TARGETS = 8
+
+
+@triton.jit
+def _lsh_fold_block(x_ptr, s_ptr, r, live, c0, d, c, BR: tl.constexpr, BC: tl.constexpr,
+                    NF: tl.constexpr, SIGNED: tl.constexpr, ACC: tl.constexpr):
+    """Sketch columns ``c0 .. c0 + BC`` of rows ``r`` (int64 ``[BR]``): ``[BR, BC]`` in ``ACC``,
+    0 where masked. Fold ``t`` of column ``i`` is ``x[r, t c + i]``; folds past ``d`` are masked
+    (``t c + i >= d`` for every ``t >= ceil(d / c)``)."""
+    i = c0 + tl.arange(0, BC)
+    t = tl.arange(0, NF)
+    acc = tl.zeros([BR, BC], ACC)
+    for base in range(0, d, NF * c):
+        col = base + t[:, None] * c + i[None, :]
+        m = (i < c)[None, :] & (col < d)
+        v = tl.load(x_ptr + r[:, None, None] * d + col[None, :, :],
+                    mask=live[:, None, None] & m[None, :, :], other=0.0).to(ACC)
+        if SIGNED:
+            v = v * tl.load(s_ptr + col, mask=m, other=0.0).to(ACC)[None, :, :]
+        acc += tl.sum(v, axis=1)
+    return acc
+
+
+@triton.jit
+def _lsh_fold_kernel(x_ptr, s_ptr, out_ptr, n, d, c, BR: tl.constexpr, BC: tl.constexpr,
+                     NF: tl.constexpr, SIGNED: tl.constexpr, ACC: tl.constexpr):
+    r = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
+    live = r < n
+    c0 = tl.program_id(1) * BC
+    y = _lsh_fold_block(x_ptr, s_ptr, r, live, c0, d, c, BR, BC, NF, SIGNED, ACC)
+    i = c0 + tl.arange(0, BC)
+    tl.store(out_ptr + r[:, None] * c + i[None, :], y.to(out_ptr.dtype.element_ty),
+             mask=live[:, None] & (i < c)[None, :])
+
+
+def _lsh_folds(d: int, c: int, br: int, bc: int, f64: bool) -> int:
+    """``NF``: folds per tile, so that ``[BR, NF, BC]`` stays near ``LSH_FOLD_TILE`` values."""
+    budget = LSH_FOLD_TILE // 2 if f64 else LSH_FOLD_TILE
+    return max(1, min(triton.next_power_of_2(triton.cdiv(d, c)), budget // (br * bc)))
+
+
+def lsh_fold(x, c, signs):
+    """``[n, c]`` sketch of every row (module notes above; math in ``reference.lsh_fold``)."""
+    x = x.contiguous()
+    n, d = x.shape
+    out = torch.empty(n, c, dtype=x.dtype, device=x.device)
+    if n == 0:
+        return out
+    f64 = x.dtype == torch.float64
+    bc = min(triton.next_power_of_2(c), LANES)
+    br = max(1, min(32, (LSH_FOLD_TILE // 2 if f64 else LSH_FOLD_TILE) // bc))
+    _lsh_fold_kernel[(triton.cdiv(n, br), triton.cdiv(c, bc))](
+        x, x if signs is None else signs.contiguous(), out, n, d, c, BR=br, BC=bc,
+        NF=_lsh_folds(d, c, br, bc, f64), SIGNED=signs is not None, ACC=_acc_dtype(x.dtype),
+        num_warps=_warps(br * bc))
+    return out
+
+
+@triton.jit
+def _lsh_pg_codes_kernel(x_ptr, s_ptr, p_ptr, codes_ptr, n, d, c, L, k,
+                         BR: tl.constexpr, BC: tl.constexpr, NF: tl.constexpr,
+                         KP: tl.constexpr, TB: tl.constexpr, ONE_CHUNK: tl.constexpr,
+                         SIGNED: tl.constexpr, USE_DOT: tl.constexpr, ACC: tl.constexpr):
+    r = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
+    live = r < n
+    # Projection q of a block: table l0 + q // KP, bit q % KP (row (l k + b) of proj [L k, c]).
+    q = tl.arange(0, TB * KP)
+    tq = q // KP
+    bq = q % KP
+    one = tl.full([TB * KP], 1, tl.int32)
+    if ONE_CHUNK:
+        y = _lsh_fold_block(x_ptr, s_ptr, r, live, 0, d, c, BR, BC, NF, SIGNED, ACC)
+    for l0 in range(0, L, TB):
+        tab = l0 + tq
+        qlive = (tab < L) & (bq < k)
+        prow = (tab * k + bq).to(tl.int64) * c
+        acc = tl.zeros([BR, TB * KP], ACC)
+        for c0 in range(0, c, BC):
+            if not ONE_CHUNK:
+                y = _lsh_fold_block(x_ptr, s_ptr, r, live, c0, d, c, BR, BC, NF, SIGNED, ACC)
+            i = c0 + tl.arange(0, BC)
+            if USE_DOT:
+                pt = tl.load(p_ptr + prow[None, :] + i[:, None],
+                             mask=qlive[None, :] & (i < c)[:, None], other=0.0).to(ACC)
+                acc += tl.dot(y, pt, input_precision="ieee")
+            else:
+                pv = tl.load(p_ptr + prow[:, None] + i[None, :],
+                             mask=qlive[:, None] & (i < c)[None, :], other=0.0).to(ACC)
+                acc += tl.sum(y[:, None, :] * pv[None, :, :], axis=2)
+        # Masked projections are all-zero rows: their dot is 0, so their bit is 0.
+        bits = tl.where(acc > 0, (one << bq)[None, :], 0)
+        code = tl.sum(tl.reshape(bits, [BR, TB, KP]), axis=2)
+        tt = l0 + tl.arange(0, TB)
+        tl.store(codes_ptr + tt[None, :].to(tl.int64) * n + r[:, None], code.to(tl.int32),
+                 mask=live[:, None] & (tt < L)[None, :])
+
+
+def _lsh_pg_tiles(L: int, k: int, c: int, f64: bool) -> tuple[int, int, int, int, bool]:
+    """``(BR, BC, KP, TB, USE_DOT)`` of ``lsh_pg_codes`` (``tl.dot`` needs every side >= 16)."""
+    kp = triton.next_power_of_2(k)
+    cp = triton.next_power_of_2(c)
+    lp = triton.next_power_of_2(L)
+    if not f64 and cp >= 16:
+        # [32, 32] dot tiles, TB KP >= 16 projections (KP <= 32).
+        return 32, min(cp, 32), kp, min(max(1, 32 // kp), max(lp, triton.cdiv(16, kp))), True
+    # Broadcast product [BR, TB KP, BC] in registers: about LSH_PG_TILE values (half in float64).
+    budget = LSH_PG_TILE // 2 if f64 else LSH_PG_TILE
+    bc = min(cp, 8)
+    tb = max(1, min(lp, budget // (16 * bc * kp)))
+    br = max(4, min(16, budget // (tb * kp * bc)))
+    return br, bc, kp, tb, False
+
+
+def lsh_pg_codes(x, proj, signs):
+    """Sign-bit codes int32 ``[L, n]``, fold fused (module notes above; math in
+    ``reference.lsh_pg_codes``)."""
+    x = x.contiguous()
+    proj = proj.to(x.dtype).contiguous()
+    n, d = x.shape
+    L, k, c = proj.shape
+    codes = torch.empty(L, n, dtype=torch.int32, device=x.device)
+    if n == 0:
+        return codes
+    br, bc, kp, tb, use_dot = _lsh_pg_tiles(L, k, c, x.dtype == torch.float64)
+    _lsh_pg_codes_kernel[(triton.cdiv(n, br),)](
+        x, x if signs is None else signs.contiguous(), proj, codes, n, d, c, L, k, BR=br, BC=bc,
+        NF=_lsh_folds(d, c, br, bc, x.dtype == torch.float64), KP=kp, TB=tb, ONE_CHUNK=c <= bc,
+        SIGNED=signs is not None, USE_DOT=use_dot, ACC=_acc_dtype(x.dtype), num_warps=4)
+    return codes
+
+
+@triton.jit
+def _lsh_wta(x_ptr, xoff, cols_ptr, g, gmask, m2, W: tl.constexpr):
+    """Bins ``g`` (``[BB]``) of rows at ``xoff`` (``[BR]``): ``(argmax, empty)``, ``[BR, BB]``
+    each; ``m2`` masks the (row, bin) pairs read (the others come out empty)."""
+    p = tl.arange(0, W)
+    col = tl.load(cols_ptr + g[:, None].to(tl.int64) * W + p[None, :], mask=gmask[:, None],
+                  other=0)
+    v = tl.load(x_ptr + xoff[:, None, None] + col[None, :, :], mask=m2[:, :, None], other=0.0)
+    empty = tl.max((v != 0).to(tl.int32), axis=2) == 0
+    return tl.argmax(v, axis=2, tie_break_left=True).to(tl.int32), empty
+
+
+@triton.jit
+def _lsh_any_bin(todo):
+    """Whether any (row, bin) pair of a tile is still to densify: a scalar, int32 0 or 1."""
+    return tl.max(tl.max(todo.to(tl.int32), axis=1), axis=0)
+
+
+@triton.jit(do_not_specialize=("key", "nb", "probes"))
+def _lsh_dwta_kernel(x_ptr, cols_ptr, codes_ptr, n, d, L, nb, key, probes, bits, keep,
+                     BR: tl.constexpr, TBL: tl.constexpr, NBP: tl.constexpr, W: tl.constexpr,
+                     LOG2W: tl.constexpr):
+    r = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
+    live = r < n
+    xoff = r * d
+    ukey = key.to(tl.uint32)
+    unb = nb.to(tl.uint32)
+    # Bin q of a tile: table l0 + q // NBP, bin b = q % NBP of that table (masked when b >= nb).
+    q = tl.arange(0, TBL * NBP)
+    tq = q // NBP
+    bq = q % NBP
+    sh = bq * LOG2W
+    # The probe sequence depends on the bin's index b in its table only.
+    hb = _fmix32(bq.to(tl.uint32) ^ ukey)
+    for l0 in range(0, L, TBL):
+        tab = l0 + tq
+        gvalid = (tab < L) & (bq < nb)
+        base = tab * nb
+        val, empty = _lsh_wta(x_ptr, xoff, cols_ptr, base + bq, gvalid,
+                              live[:, None] & gvalid[None, :], W)
+        # A (row, table) whose bins are all empty stays all 0: it never enters the loops.
+        dead = tl.reshape(empty | ~gvalid[None, :], [BR, TBL, NBP])
+        dead = tl.min(dead.to(tl.int32), axis=2)
+        dead = tl.reshape(tl.broadcast_to(dead[:, :, None], [BR, TBL, NBP]), [BR, TBL * NBP])
+        todo = empty & (dead == 0) & live[:, None] & gvalid[None, :]
+        # Random probes: bin fmix32(fmix32(b ^ key) + a GOLDEN) mod nb of the same table, in
+        # uint32 wrap-around arithmetic as hashing.fmix32.
+        a = tl.full([], 0, tl.int32)
+        go = _lsh_any_bin(todo) * (probes > 0).to(tl.int32)
+        while go > 0:
+            src = (_fmix32(hb + a.to(tl.uint32) * _GOLDEN) % unb).to(tl.int32)
+            sval, sempty = _lsh_wta(x_ptr, xoff, cols_ptr, base + src, gvalid, todo, W)
+            take = todo & ~sempty
+            val = tl.where(take, sval, val)
+            todo = todo & ~take
+            a += 1
+            go = _lsh_any_bin(todo) * (a < probes).to(tl.int32)
+        # Then the first non-empty bin after b in the table, cyclically (one exists: not dead).
+        s = tl.full([], 1, tl.int32)
+        go = _lsh_any_bin(todo) * (nb > 1).to(tl.int32)
+        while go > 0:
+            src = bq + s
+            src = tl.where(src >= nb, src - nb, src)
+            sval, sempty = _lsh_wta(x_ptr, xoff, cols_ptr, base + src, gvalid, todo, W)
+            take = todo & ~sempty
+            val = tl.where(take, sval, val)
+            todo = todo & ~take
+            s += 1
+            go = _lsh_any_bin(todo) * (s < nb).to(tl.int32)
+        # Bins of dead tables keep argmax = 0 (all their values are 0), the reference's 0.
+        # Shifts only below ``bits`` (<= 31): higher fields are masked off anyway.
+        part = val.to(tl.int64) << tl.minimum(sh, 31).to(tl.int64)[None, :]
+        part = tl.where((gvalid & (sh < bits))[None, :], part & keep, 0)
+        code = tl.sum(tl.reshape(part, [BR, TBL, NBP]), axis=2)
+        tt = l0 + tl.arange(0, TBL)
+        tl.store(codes_ptr + tt[None, :].to(tl.int64) * n + r[:, None], code.to(tl.int32),
+                 mask=live[:, None] & (tt < L)[None, :])
+
+
+def lsh_dwta_codes(x, rows, bins, bits, key, probes):
+    """Densified winner-take-all codes int32 ``[L, n]`` (module notes above; math in
+    ``reference.lsh_dwta_codes``), bit-identical to the reference."""
+    x = x.contiguous()
+    n, d = x.shape
+    L, nb, w = bins.shape
+    codes = torch.empty(L, n, dtype=torch.int32, device=x.device)
+    if n == 0:
+        return codes
+    # The column each (table, bin, slot) reads: rows[bins], resolved once.
+    cols = rows.long()[bins.long().reshape(-1)].contiguous()
+    nbp = triton.next_power_of_2(nb)
+    per_row = nbp * w
+    br = max(1, min(32, LSH_DWTA_TILE // per_row))
+    tbl = max(1, min(triton.next_power_of_2(L), LSH_DWTA_TILE // (br * per_row)))
+    _lsh_dwta_kernel[(triton.cdiv(n, br),)](
+        x, cols, codes, n, d, L, nb, key, probes, bits, (1 << bits) - 1, BR=br, TBL=tbl,
+        NBP=nbp, W=w, LOG2W=w.bit_length() - 1, num_warps=_warps(br * tbl * per_row))
+    return codes
+
+
+@triton.jit(do_not_specialize=("B",))
+def _lsh_softmax_kernel(z_ptr, off_ptr, pos_ptr, grad_ptr, per_ptr, M, B, BM: tl.constexpr,
+                        BT: tl.constexpr, ACC: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    row = z_ptr + b * M
+    out = grad_ptr + b * M
+    lo = tl.load(off_ptr + b).to(tl.int64)
+    hi = tl.load(off_ptr + b + 1).to(tl.int64)
+    has = hi > lo
+    inv_cnt = 1.0 / tl.maximum(hi - lo, 1).to(ACC)
+    scale = tl.maximum(B, 1).to(ACC)
+    cols = tl.arange(0, BM)
+    # Online max / sum of exp over the row.
+    mx = tl.full([], float("-inf"), ACC)
+    s = tl.zeros([], ACC)
+    for m0 in range(0, M, BM):
+        z = tl.load(row + m0 + cols, mask=m0 + cols < M, other=float("-inf")).to(ACC)
+        nm = tl.maximum(mx, tl.max(z, axis=0))
+        s = s * tl.exp(mx - nm) + tl.sum(tl.exp(z - nm), axis=0)
+        mx = nm
+    # The targets' logits through the CSR.
+    tsum = tl.zeros([], ACC)
+    tk = tl.arange(0, BT)
+    for t0 in range(lo, hi, BT):
+        live = t0 + tk < hi
+        pp = tl.load(pos_ptr + t0 + tk, mask=live, other=0)
+        tsum += tl.sum(tl.load(row + pp, mask=live, other=0.0).to(ACC), axis=0)
+    per = tl.where(has, mx + tl.log(s) - tsum * inv_cnt, 0.0)
+    tl.store(per_ptr + b, per)
+    for m0 in range(0, M, BM):
+        cm = m0 + cols
+        z = tl.load(row + cm, mask=cm < M, other=float("-inf")).to(ACC)
+        hits = tl.zeros([BM], tl.int32)
+        for t0 in range(lo, hi, BT):
+            live = t0 + tk < hi
+            pp = tl.load(pos_ptr + t0 + tk, mask=live, other=-1)
+            hits += tl.sum((pp[:, None] == cm[None, :]).to(tl.int32), axis=0)
+        g = (tl.exp(z - mx) / s - hits.to(ACC) * inv_cnt) / scale
+        g = tl.where(has, g, 0.0)
+        tl.store(out + cm, g.to(grad_ptr.dtype.element_ty), mask=cm < M)
+
+
+def lsh_softmax_loss(logits, tgt_offsets, tgt_pos):
+    """``(loss, grad)`` of the label-normalised softmax cross-entropy (module notes above; math
+    in ``reference.lsh_softmax_loss``)."""
+    logits = logits.contiguous()
+    B, M = logits.shape
+    grad = torch.zeros(B, M, dtype=logits.dtype, device=logits.device)
+    if B == 0 or M == 0:
+        # No column: no sample can have an active label, so every term is 0.
+        return torch.zeros((), dtype=logits.dtype, device=logits.device), grad
+    f64 = logits.dtype == torch.float64
+    per = torch.empty(B, dtype=torch.float64 if f64 else torch.float32, device=logits.device)
+    _lsh_softmax_kernel[(B,)](
+        logits, tgt_offsets.contiguous(), tgt_pos.contiguous(), grad, per, M, B,
+        BM=min(LSH_SOFTMAX_BLOCK, triton.next_power_of_2(M)), BT=LSH_SOFTMAX_TARGETS,
+        ACC=_acc_dtype(logits.dtype), num_warps=4)
+    loss = per.double().sum() / B
+    return loss.to(logits.dtype), grad
