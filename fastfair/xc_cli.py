@@ -75,6 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=d.lr, help="Adam learning rate (default: %(default)s)")
     p.add_argument("--no-force-labels", action="store_true",
                    help="do not force the batch's labels into the active set (the reference code)")
+    p.add_argument("--device-tiers", default="", metavar="SPEC",
+                   help="federated devices' private hash settings, round robin, e.g. "
+                        "'bits=8,tables=50,sketch=8,rehash=1;bits=6,tables=10,sketch=4,rehash=5' "
+                        "(default: every device uses --bits/--tables/--sketch-dim/--rehash-every)")
     p.add_argument("--signed-fold", action="store_true", help="random signs before folding (pg)")
     p.add_argument("--serial", action="store_true", help="build tables one at a time (centralised)")
     p.add_argument("--labels", type=int, default=100_000, help="synthetic: labels")
@@ -109,7 +113,8 @@ def _plan(args) -> list:
                                rehash_every=args.rehash_every, signed_fold=args.signed_fold,
                                force_labels=not args.no_force_labels, serial=args.serial,
                                lr=args.lr, batch_size=args.batch_size, epochs=args.epochs,
-                               devices=devices, local_steps=args.local_steps, seed=args.seed)
+                               devices=devices, local_steps=args.local_steps, seed=args.seed,
+                               device_tiers=args.device_tiers)
                 cfg.check()
                 if not 0 < budget <= 1:
                     raise ValueError(f"--budgets: {budget} is outside (0, 1]")

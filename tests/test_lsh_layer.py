@@ -12,7 +12,6 @@ from fastfair.cli import main as cli_main
 from fastfair.fl.pghash import XCConfig, XCTrainer, evaluate, train
 from fastfair.fl.xc import synthetic_xc
 from fastfair.nn import LSHFamily, LSHOutputLayer
-from fastfair.nn.lsh import select
 
 
 def gen(seed=0):
@@ -272,6 +271,29 @@ def test_federated_round_counts_bytes_and_keeps_untrained_neurons(tiny_xc):
     # The first layer is the mean of the devices' (equal-sized parts: equal weights).
     locs = [loc["net"].first.weight for loc in trainer.locals]
     torch.testing.assert_close(trainer.net.first.weight, sum(locs) / 3)
+
+
+def test_device_tiers_give_each_device_its_own_hashes(tiny_xc):
+    tr, te = tiny_xc
+    cfg = XCConfig(method="pg", budget=0.2, hidden=16, devices=3, batch_size=8,
+                   device_tiers="bits=6,tables=5,sketch=4,rehash=2;bits=3,tables=2",
+                   backend="reference")
+    trainer = XCTrainer(tr, te, cfg)
+    fams = [loc["net"].out.family for loc in trainer.locals]
+    assert [(f.bits, f.tables, f.sketch_dim) for f in fams] == [(6, 5, 4), (3, 2, 8), (6, 5, 4)]
+    assert len({f.seed for f in fams}) == 3  # private: every device its own seed
+    assert [loc["net"].out.rehash_every for loc in trainer.locals] == [2, 1, 2]
+    trainer.run_round()
+    trainer.run_round()
+    # Sketch bytes only on rehash rounds: devices 0 and 2 (c=4) once, device 1 (c=8) twice.
+    n, d, f = 200, 16, 300
+    m = trainer.m
+    per_round = 3 * (f * d + d + m * (d + 1))
+    assert trainer.totals["bytes_down"] == 4 * (2 * per_round + 2 * n * 4 + 2 * n * 8)
+    for bad, msg in (("bits=0", "must be >= 1"), ("colour=3", "unknown field 'colour'"),
+                     ("bits=x", "needs an integer")):
+        with pytest.raises(ValueError, match=msg):
+            XCConfig(device_tiers=bad).check()
 
 
 def test_federated_dense_two_devices_trains(tiny_xc):

@@ -14,6 +14,9 @@ Federated (``devices >= 2``; the loop of the reference code). The training point
 random over the devices. Every round each device, with its own private hash functions (its seed
 is drawn from the run's; bits, tables, sketch size and rehash period from its tier):
 
+(``device_tiers``, e.g. ``"bits=8,tables=50,sketch=8,rehash=1;bits=6,tables=10,sketch=4,
+rehash=5"``: device ``i`` takes tier ``i mod #tiers``; unnamed fields come from the config):
+
 1. downloads the dense first layer and, on its rehash rounds, what hashing needs of ``W`` (the
    ``[n, c]`` sketch for ``pg``, ``c`` sampled columns for ``dwta``, ``W`` itself for
    ``simhash``), from which it builds its tables;
@@ -33,6 +36,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+from typing import Optional
 
 import torch
 from torch import Tensor, nn
@@ -66,6 +70,7 @@ class XCConfig:
     local_steps: int = 1
     seed: int = 0
     backend: str = "auto"
+    device_tiers: str = ""
 
     def check(self) -> None:
         if self.method not in METHODS:
@@ -80,6 +85,34 @@ class XCConfig:
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not (
                 0 <= self.seed < hashing.MAX_SEED):
             raise ValueError(f"seed must be an int in [0, 2**32), got {self.seed!r}")
+        self.tiers()
+
+    def tiers(self) -> list:
+        """The device tiers' hash settings: a list of ``{bits, tables, sketch_dim,
+        rehash_every}`` (one tier of the config's own when ``device_tiers`` is empty)."""
+        base = {"bits": self.bits, "tables": self.tables, "sketch_dim": self.sketch_dim,
+                "rehash_every": self.rehash_every}
+        if not self.device_tiers.strip():
+            return [base]
+        names = {"bits": "bits", "tables": "tables", "sketch": "sketch_dim",
+                 "rehash": "rehash_every"}
+        out = []
+        for part in self.device_tiers.split(";"):
+            tier = dict(base)
+            for field in filter(None, (f.strip() for f in part.split(","))):
+                key, _, value = field.partition("=")
+                if key.strip() not in names:
+                    raise ValueError(f"device_tiers: unknown field {key.strip()!r} in {part!r} "
+                                     f"(expected {', '.join(names)})")
+                try:
+                    v = int(value)
+                except ValueError:
+                    raise ValueError(f"device_tiers: {field!r} needs an integer") from None
+                if v < 1:
+                    raise ValueError(f"device_tiers: {field!r} must be >= 1")
+                tier[names[key.strip()]] = v
+            out.append(tier)
+        return out
 
     @property
     def effective_budget(self) -> float:
@@ -89,8 +122,10 @@ class XCConfig:
 class XCNet(nn.Module):
     """``features -> EmbeddingBag(sum) + bias -> ReLU -> LSHOutputLayer``."""
 
-    def __init__(self, num_features: int, num_labels: int, cfg: XCConfig, seed: int):
+    def __init__(self, num_features: int, num_labels: int, cfg: XCConfig, seed: int,
+                 tier: Optional[dict] = None):
         super().__init__()
+        tier = tier or cfg.tiers()[0]
         g = torch.Generator().manual_seed(seed)
         self.first = nn.EmbeddingBag(num_features, cfg.hidden, mode="sum")
         bound = 1 / math.sqrt(num_features)
@@ -98,9 +133,10 @@ class XCNet(nn.Module):
             self.first.weight.uniform_(-bound, bound, generator=g)
         self.first_bias = nn.Parameter(torch.zeros(cfg.hidden))
         self.out = LSHOutputLayer(cfg.hidden, num_labels, hash=_HASH[cfg.method],
-                                  sketch_dim=min(cfg.sketch_dim, cfg.hidden), bits=cfg.bits,
-                                  tables=cfg.tables, budget=cfg.effective_budget,
-                                  rehash_every=cfg.rehash_every, signed_fold=cfg.signed_fold,
+                                  sketch_dim=min(tier["sketch_dim"], cfg.hidden),
+                                  bits=tier["bits"], tables=tier["tables"],
+                                  budget=cfg.effective_budget,
+                                  rehash_every=tier["rehash_every"], signed_fold=cfg.signed_fold,
                                   force_labels=cfg.force_labels, serial=cfg.serial, seed=seed,
                                   backend=cfg.backend)
         with torch.no_grad():
@@ -159,8 +195,10 @@ class XCTrainer:
         else:
             self.parts = train.split(cfg.devices, seed=cfg.seed)
             self.locals = []
+            tiers = cfg.tiers()
             for d in range(cfg.devices):
-                net = XCNet(train.num_features, train.num_labels, cfg, _device_seed(cfg.seed, d))
+                net = XCNet(train.num_features, train.num_labels, cfg, _device_seed(cfg.seed, d),
+                            tiers[d % len(tiers)])
                 self.locals.append({"net": net, "opts": _optimizers(net, cfg.lr), "tables": None,
                                     "round": 0})
             self.weights = torch.tensor([float(len(p)) for p in self.parts])
@@ -225,7 +263,7 @@ class XCTrainer:
                               if self.cfg.force_labels else None)
                     tables = None
                     if fam.kind != "random":
-                        if loc["tables"] is None or loc["round"] % self.cfg.rehash_every == 0:
+                        if loc["tables"] is None or loc["round"] % net.out.rehash_every == 0:
                             src = fam.source(g.out.weight.detach())
                             down += src.numel()
                             loc["tables"] = fam.build(src)
