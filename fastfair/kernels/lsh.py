@@ -14,7 +14,8 @@ backend ``backends.kernel`` picks (``numba`` on CPU; the math of each is in
 * ``dwta_codes(x, rows, bins, bits, seed)``: densified winner-take-all codes over the sampled
   coordinates ``rows``; each table's ``nb`` bins of ``w`` (a power of two) coordinates give
   ``log2 w`` bits each (``reference.lsh_dwta_codes`` states the densification).
-* ``buckets(codes, bits)``: per table, a counting sort of the codes into CSR buckets.
+* ``buckets(codes, bits)``: per table, a counting sort of the codes into CSR buckets (at most
+  ``MAX_TABLE_BITS`` = 20 bits: a table keeps ``2^bits + 1`` offsets).
 * ``ActiveSet``: the neurons a batch activates: labels forced in, then table by table the union of
   the buckets the batch hits, trimmed at the budget ``m`` by a seeded random order, padded to
   ``m`` by that order when the tables run out; one mark per neuron dedupes.
@@ -42,6 +43,8 @@ from . import backends, hashing, reference
 from .functional import FLOAT_DTYPES, _int
 
 MAX_BITS = 31
+# Buckets keep 2^bits + 1 offsets per table (int64): 8 MB per table at 20 bits.
+MAX_TABLE_BITS = 20
 # Neuron ids are int32 in the buckets and 31-bit in the selection order.
 MAX_NEURONS = 2**31 - 1
 DWTA_SALT = 0x5851F42D
@@ -201,7 +204,7 @@ def buckets(codes: Tensor, bits: int, *, backend: str = "auto") -> tuple[Tensor,
     """CSR buckets of every table: ``members[l, offsets[l, h]:offsets[l, h + 1]]`` are the
     neurons whose code in table ``l`` is ``h``, ascending (offsets int64 ``[L, 2^bits + 1]``,
     members int32 ``[L, n]``)."""
-    k = _int("bits", bits, 1, MAX_BITS)
+    k = _int("bits", bits, 1, MAX_TABLE_BITS)
     _index("codes", codes, 2, 1 << k, f"codes of {k} bits")
     if codes.dtype != torch.int32:
         codes = codes.to(torch.int32)
@@ -379,6 +382,8 @@ def softmax_loss(logits: Tensor, active: Tensor, label_offsets: Tensor, label_id
     _index("active", active, 1, MAX_NEURONS, "neuron ids")
     if active.numel() != M:
         raise ValueError(f"logits has {M} columns but active has {active.numel()} neurons")
+    if M > 1 and not bool((active[1:] > active[:-1]).all()):
+        raise ValueError("active must be sorted and distinct (ActiveSet.ids gives that)")
     lo, ids = _labels(label_offsets, label_ids, B, MAX_NEURONS)
     offsets, pos = reference.lsh_targets(active.long(), lo.to(logits.device),
                                          ids.to(logits.device))

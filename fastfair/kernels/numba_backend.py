@@ -1120,3 +1120,702 @@ def coalesce_rows(rows, values, last):
     count = _coalesce_rows(rows.numpy(), values.numpy(), last.numpy(), out_rows.numpy(),
                            out_vals.numpy(), saved.numpy())
     return out_rows[:count], out_vals[:count]
+
+
+# ----------------------------------------------------------------------------------------------
+# LSH output layers (PGHash; ``fastfair.kernels.lsh`` validates and documents every op, the math is
+# in ``reference.lsh_*``). Codes and buckets are parallel over blocks of neurons or over tables;
+# every neuron (table) is computed by one task, so no result depends on the thread count. The
+# selection ops (union, pad, force) are serial: they are a few passes over at most ``n`` ids.
+
+
+# Neurons (rows) per block of the codes, fold and DWTA kernels, one parallel task per block with
+# its own scratch arrays: the block's sketch ``[8, LSH_BLOCK]`` (8 KiB in float32) and its codes
+# stay in L1 while all ``L k`` projection rows sweep it. Measured on the 2-core VM, one thread,
+# the projection of a [205443, 8] sketch in 50 tables of 8 bits (CPU time, the output
+# preallocated): blocks of 128 neurons 20-22 ms, 256 19-20 ms, 512 19 ms; one projection row per
+# pass over the block 21 ms, two 19 ms, four 21 ms.
+LSH_BLOCK = 256
+# Sketch coordinates per pass of the projection loop (written out below): the projection is
+# zero-padded to a multiple of it, which adds exact zeros.
+_LSH_GROUP = 8
+# Row width (elements) below which the fold's halving passes run over the whole block at once.
+_LSH_FLAT = 64
+
+
+@njit(cache=True, inline="always")
+def _lsh_fold_widths(d, c):
+    """The fold's row widths: ``S = P c`` after the first pass (``P`` the largest power of two
+    below ``T = ceil(d / c)``; ``S = d`` when ``T = 1``) and ``Sc``, the width at which the
+    halving passes switch from row by row to the whole block (``min(S, max(_LSH_FLAT, c))``)."""
+    nt = (d + c - 1) // c
+    if nt == 1:
+        return d, d
+    p = 1
+    while 2 * p < nt:
+        p *= 2
+    s = p * c
+    sc = s
+    while sc > _LSH_FLAT and sc > c:
+        sc //= 2
+    return s, sc
+
+
+@njit(cache=True, inline="always")
+def _lsh_fold_block(x, j0, nb, s, c, z, z2, rowbuf):
+    """The fold of rows ``j0 .. j0 + nb`` of ``x``: returns ``(buf, width)`` with
+    ``y[j0 + r, i] = buf[r width + i]`` for ``i < c``.
+
+    Pairwise over the ``T = ceil(d / c)`` chunks of a row. First pass, row by row: chunk
+    ``t < P`` (``P`` the largest power of two below ``T``) adds chunk ``t + P`` when that exists
+    (the last chunk's missing tail reads as 0). Then the row halves (chunk ``t`` adds chunk
+    ``t + P / 2``, ...) until ``P c`` is at most ``_LSH_FLAT``, and the remaining halvings run
+    over the whole block as one flat loop each (``z2[f] = z[f] + z[f + w]``): a position past a
+    row's live half reads the next row, but no later pass reads it. Every loop is contiguous and
+    vectorised, where summing the chunks in order leaves loops of ``c`` iterations (8 here: too
+    short to vectorise; measured 13.4 ms for the fold of [205443, 128] to 8 against 10.5 ms for
+    this). Positions are ``uint64``, without which Numba's wraparound test on ``f + w`` keeps
+    the flat loops scalar (measured 3x slower). The sums are pairwise rather than in torch's
+    order, so the sketch matches the reference's to rounding. ``T = 1`` (``c = d``) is not
+    handled here."""
+    d = x.shape[1]
+    sw, sc = _lsh_fold_widths(d, c)
+    us = np.uint64(sw)
+    usc = np.uint64(sc)
+    lim = np.uint64(d - sw)
+    for r in range(nb):
+        j = j0 + r
+        dst = z if sc == sw else rowbuf
+        o = np.uint64(r) * usc if sc == sw else np.uint64(0)
+        for e in range(lim):
+            if s is not None:
+                dst[o + e] = x[j, e] * s[e] + x[j, e + us] * s[e + us]
+            else:
+                dst[o + e] = x[j, e] + x[j, e + us]
+        for e in range(lim, us):
+            if s is not None:
+                dst[o + e] = x[j, e] * s[e]
+            else:
+                dst[o + e] = x[j, e]
+        if sc < sw:
+            w = us
+            while w > usc:
+                w //= np.uint64(2)
+                for e in range(w):
+                    rowbuf[e] += rowbuf[e + w]
+            o = np.uint64(r) * usc
+            for e in range(usc):
+                z[o + e] = rowbuf[e]
+    a = z
+    b = z2
+    w = usc
+    tot = np.uint64(nb) * usc
+    uc = np.uint64(c)
+    while w > uc:
+        w //= np.uint64(2)
+        for f in range(tot - w):
+            b[f] = a[f] + a[f + w]
+        a, b = b, a
+    return a, sc
+
+
+@njit(cache=True)
+def _lsh_fold_one(x, s, c, out, blk):
+    """``out[j] = fold(x[j])`` for the rows of block ``blk``."""
+    n, d = x.shape
+    j0 = blk * LSH_BLOCK
+    nb = min(LSH_BLOCK, n - j0)
+    if c == d:
+        for j in range(j0, j0 + nb):
+            for i in range(d):
+                if s is not None:
+                    out[j, i] = x[j, i] * s[i]
+                else:
+                    out[j, i] = x[j, i]
+        return
+    sc = _lsh_fold_widths(d, c)[1]
+    z = np.empty(LSH_BLOCK * sc, dtype=x.dtype)
+    z2 = np.empty(LSH_BLOCK * sc, dtype=x.dtype)
+    rowbuf = np.empty(d, dtype=x.dtype)
+    buf, width = _lsh_fold_block(x, j0, nb, s, c, z, z2, rowbuf)
+    uw = np.uint64(width)
+    for r in range(np.uint64(nb)):
+        o = r * uw
+        j = np.uint64(j0) + r
+        for i in range(np.uint64(c)):
+            out[j, i] = buf[o + i]
+
+
+@_parallel
+def _lsh_fold(x, s, c, out):
+    """``out[j] = fold(x[j])``, one task per block of ``LSH_BLOCK`` rows."""
+    for blk in prange((x.shape[0] + LSH_BLOCK - 1) // LSH_BLOCK):
+        _lsh_fold_one(x, s, c, out, blk)
+
+
+def lsh_fold(x, c, signs):
+    """The ``[n, c]`` sketch ``y[j, i] = sum_t s_{i + t c} x[j, i + t c]`` (pairwise sums in the
+    dtype, see ``_lsh_fold_block``; the reference sums in torch's order, so the two agree to
+    rounding)."""
+    xs = x.detach().numpy()
+    s = None if signs is None else signs.detach().numpy()
+    out = np.empty((xs.shape[0], c), dtype=xs.dtype)
+    if xs.shape[0]:
+        _lsh_fold(_serial(xs.size), xs, s, c, out)
+    return torch.from_numpy(out)
+
+
+@njit(cache=True, fastmath={"contract"})
+def _lsh_pg_block(x, proj, s, fold, k, c, out, blk):
+    """Sign-bit codes of the ``LSH_BLOCK`` neurons of block ``blk``.
+
+    The block's sketch is built once into ``yt [cp, LSH_BLOCK]``, neuron-minor (``cp`` = ``c``
+    rounded up to ``_LSH_GROUP``; the padding rows are 0, as are the columns past ``n`` in the
+    last block). Then for every projection row ``(l, b)``: ``dot[r] = sum_i proj[l b, i] yt[i, r]``
+    eight coordinates at a time, the eight weights in registers and the loop over the block's
+    neurons vectorised, and ``code[r] |= [dot[r] > 0] 2^b``; for ``c <= 8`` two rows share each
+    pass (each sketch value loaded serves both). The dot products are in the dtype with fused
+    multiply-adds (``contract``; no reassociation): within ``(c + 1) eps |proj_row| |y_j|`` of the
+    exact value, so a bit can differ from the reference's float64 sign only for a dot product that
+    close to 0."""
+    n, d = x.shape
+    nrows = proj.shape[0]
+    cp = proj.shape[1]
+    ng = cp // _LSH_GROUP
+    ntab = nrows // k
+    sc = _lsh_fold_widths(d, c)[1]
+    zero = np.int32(0)
+    yt = np.zeros((cp, LSH_BLOCK), dtype=x.dtype)
+    acc = np.empty(LSH_BLOCK, dtype=x.dtype)
+    code = np.empty(LSH_BLOCK, dtype=np.int32)
+    j0 = blk * LSH_BLOCK
+    nb = min(LSH_BLOCK, n - j0)
+    if not fold or c == d:
+        for r in range(np.uint64(nb)):
+            j = np.uint64(j0) + r
+            for i in range(np.uint64(c)):
+                if s is not None:
+                    yt[i, r] = x[j, i] * s[i]
+                else:
+                    yt[i, r] = x[j, i]
+    else:
+        z = np.empty(LSH_BLOCK * sc, dtype=x.dtype)
+        z2 = np.empty(LSH_BLOCK * sc, dtype=x.dtype)
+        rowbuf = np.empty(d, dtype=x.dtype)
+        buf, width = _lsh_fold_block(x, j0, nb, s, c, z, z2, rowbuf)
+        uw = np.uint64(width)
+        for r in range(np.uint64(nb)):
+            o = r * uw
+            for i in range(np.uint64(c)):
+                yt[i, r] = buf[o + i]
+    for tab in range(ntab):
+        code[:] = 0
+        b = 0
+        if ng == 1:
+            while b + 2 <= k:
+                row = tab * k + b
+                bit0 = np.int32(1 << b)
+                bit1 = np.int32(2 << b)
+                p0 = proj[row, 0]
+                p1 = proj[row, 1]
+                p2 = proj[row, 2]
+                p3 = proj[row, 3]
+                p4 = proj[row, 4]
+                p5 = proj[row, 5]
+                p6 = proj[row, 6]
+                p7 = proj[row, 7]
+                q0 = proj[row + 1, 0]
+                q1 = proj[row + 1, 1]
+                q2 = proj[row + 1, 2]
+                q3 = proj[row + 1, 3]
+                q4 = proj[row + 1, 4]
+                q5 = proj[row + 1, 5]
+                q6 = proj[row + 1, 6]
+                q7 = proj[row + 1, 7]
+                for r in range(LSH_BLOCK):
+                    y0 = yt[0, r]
+                    y1 = yt[1, r]
+                    y2 = yt[2, r]
+                    y3 = yt[3, r]
+                    y4 = yt[4, r]
+                    y5 = yt[5, r]
+                    y6 = yt[6, r]
+                    y7 = yt[7, r]
+                    v = (p0 * y0 + p1 * y1 + p2 * y2 + p3 * y3 + p4 * y4 + p5 * y5
+                         + p6 * y6 + p7 * y7)
+                    u = (q0 * y0 + q1 * y1 + q2 * y2 + q3 * y3 + q4 * y4 + q5 * y5
+                         + q6 * y6 + q7 * y7)
+                    code[r] |= bit0 if v > 0 else zero
+                    code[r] |= bit1 if u > 0 else zero
+                b += 2
+        while b < k:
+            row = tab * k + b
+            bit = np.int32(1 << b)
+            for g in range(ng):
+                i0 = g * _LSH_GROUP
+                p0 = proj[row, i0]
+                p1 = proj[row, i0 + 1]
+                p2 = proj[row, i0 + 2]
+                p3 = proj[row, i0 + 3]
+                p4 = proj[row, i0 + 4]
+                p5 = proj[row, i0 + 5]
+                p6 = proj[row, i0 + 6]
+                p7 = proj[row, i0 + 7]
+                if ng == 1:
+                    for r in range(LSH_BLOCK):
+                        v = (p0 * yt[0, r] + p1 * yt[1, r] + p2 * yt[2, r]
+                             + p3 * yt[3, r] + p4 * yt[4, r] + p5 * yt[5, r]
+                             + p6 * yt[6, r] + p7 * yt[7, r])
+                        code[r] |= bit if v > 0 else zero
+                elif g == 0:
+                    for r in range(LSH_BLOCK):
+                        acc[r] = (p0 * yt[0, r] + p1 * yt[1, r] + p2 * yt[2, r]
+                                  + p3 * yt[3, r] + p4 * yt[4, r] + p5 * yt[5, r]
+                                  + p6 * yt[6, r] + p7 * yt[7, r])
+                elif g < ng - 1:
+                    for r in range(LSH_BLOCK):
+                        acc[r] += (p0 * yt[i0, r] + p1 * yt[i0 + 1, r]
+                                   + p2 * yt[i0 + 2, r] + p3 * yt[i0 + 3, r]
+                                   + p4 * yt[i0 + 4, r] + p5 * yt[i0 + 5, r]
+                                   + p6 * yt[i0 + 6, r] + p7 * yt[i0 + 7, r])
+                else:
+                    for r in range(LSH_BLOCK):
+                        v = acc[r] + (p0 * yt[i0, r] + p1 * yt[i0 + 1, r]
+                                      + p2 * yt[i0 + 2, r] + p3 * yt[i0 + 3, r]
+                                      + p4 * yt[i0 + 4, r] + p5 * yt[i0 + 5, r]
+                                      + p6 * yt[i0 + 6, r] + p7 * yt[i0 + 7, r])
+                        code[r] |= bit if v > 0 else zero
+            b += 1
+        dst = np.uint64(j0)
+        for r in range(np.uint64(nb)):
+            out[tab, dst + r] = code[r]
+
+
+@_parallel
+def _lsh_pg_codes(x, proj, s, fold, k, c, out):
+    """``_lsh_pg_block`` for every block. The block's work is a function of its own (not inlined),
+    so the parallel and serial builds run the same machine code and give the same bits (LLVM
+    decides once which products fuse into FMAs); written inside the parfor body, the same loops
+    ran 26 ms where the serial build ran 20 ms (one thread)."""
+    for blk in prange((x.shape[0] + LSH_BLOCK - 1) // LSH_BLOCK):
+        _lsh_pg_block(x, proj, s, fold, k, c, out, blk)
+
+
+def lsh_pg_codes(x, proj, signs):
+    """``codes[l, j] = sum_b [<proj[l, b], y_j> > 0] 2^b`` (int32 ``[L, n]``), the fold fused in
+    (``y = x`` when ``c = d`` and there are no signs). Dot products in the dtype (see
+    ``_lsh_pg_codes``): bits can differ from the reference only for dot products within rounding
+    of 0."""
+    xs = x.detach().numpy()
+    L, k, c = proj.shape
+    n, d = xs.shape
+    cp = -(-c // _LSH_GROUP) * _LSH_GROUP
+    pp = np.zeros((L * k, cp), dtype=xs.dtype)
+    pp[:, :c] = proj.detach().numpy().reshape(L * k, c)
+    fold = not (c == d and signs is None)
+    s = None if signs is None else signs.detach().numpy()
+    out = np.empty((L, n), dtype=np.int32)
+    if n:
+        _lsh_pg_codes(_serial(n * (d + L * k * cp)), xs, pp, s, fold, k, c, out)
+    return torch.from_numpy(out)
+
+
+@njit(cache=True)
+def _dwta_probes(key, nb, probes):
+    """``tbl[b, a] = fmix32((fmix32(b ^ key) + a GOLDEN) mod 2^32) mod nb``: the bin of the same
+    table that empty bin ``b`` borrows from at attempt ``a`` (``reference._dwta_probe``)."""
+    tbl = np.empty((nb, probes), dtype=np.int64)
+    ukey = np.uint64(key)
+    for b in range(nb):
+        hb = _fmix32(np.uint64(b) ^ ukey)
+        for a in range(probes):
+            tbl[b, a] = np.int64(_word(hb, a) % np.uint64(nb))
+    return tbl
+
+
+@njit(cache=True, inline="always")
+def _dwta_bins(xt, bins, t0, w, b0, b1, best, val, nz):
+    """Bins ``b0 .. b1 - 1`` of the table whose bins start at ``bins[t0]``, for every row of the
+    block at once (``xt [c, LSH_BLOCK]``: the block's sampled values, row-minor):
+    ``val[b, r]`` the position of the first maximum, ``nz[b, r]`` 1 if any value is non-zero,
+    else 0 (the bin is empty). Each pass over the block's rows is contiguous and branch-free, so
+    it vectorises (flags are int32, the lane width of the winners)."""
+    for b in range(b0, b1):
+        base = t0 + b * w
+        src = bins[base]
+        for r in range(LSH_BLOCK):
+            v = xt[src, r]
+            best[r] = v
+            val[b, r] = 0
+            nz[b, r] = np.int32(v != 0)
+        for p in range(1, w):
+            src = bins[base + p]
+            pp = np.int32(p)
+            for r in range(LSH_BLOCK):
+                v = xt[src, r]
+                bo = best[r]
+                better = np.int32(v > bo)
+                best[r] = max(v, bo)
+                val[b, r] += better * (pp - val[b, r])
+                nz[b, r] |= np.int32(v != 0)
+
+
+@njit(cache=True, inline="always")
+def _dwta_borrow(val, nz, src, todo, fill):
+    """Rows still ``todo`` whose bin ``src`` is non-empty take its winner; returns how many rows
+    remain ``todo``. One pass over the block in int32 arithmetic (a select written ``a if t else
+    b`` kept this loop scalar: 180 against 80 ns per pass)."""
+    left = np.int32(0)
+    vs = val[src]
+    ns = nz[src]
+    for r in range(LSH_BLOCK):
+        take = todo[r] & ns[r]
+        fill[r] += take * (vs[r] - fill[r])
+        todo[r] -= take
+        left += todo[r]
+    return left
+
+
+# Rows of a block below which an empty bin's densification leaves the vectorised passes (each
+# pays for the whole block) and finishes row by row.
+_DWTA_ROWWISE = 8
+
+
+@njit(cache=True)
+def _lsh_dwta_block(x, rows, bins, nb, w, logw, used, mask, tbl, out, blk):
+    """The codes of the ``LSH_BLOCK`` rows of block ``blk``, the rows as vector lanes: their
+    sampled values are gathered once into ``xt``; per table the ``used`` bins that reach the code
+    are evaluated for all rows, and the table's other bins only when one of those is empty in some
+    row. An empty bin is densified for all rows at once, probe by probe (then the cyclic scan),
+    until no row needs it (the probe sequence depends on the bin, not the row); a row whose bins
+    in the table are all empty takes 0 at once, so it does not hold the block to every probe.
+    Measured on one thread, [205443, 128] float32 in 50 tables of 8 bins of 8 (8 bits): 68 ms
+    dense, 210 ms with 90% zeros (most tables have holes); row by row it took 430 and 930 ms."""
+    n = x.shape[0]
+    c = rows.shape[0]
+    ntab = bins.shape[0] // (nb * w)
+    probes = tbl.shape[1]
+    j0 = blk * LSH_BLOCK
+    nr = min(LSH_BLOCK, n - j0)
+    xt = np.zeros((c, LSH_BLOCK), dtype=x.dtype)
+    for r in range(nr):
+        for i in range(c):
+            xt[i, r] = x[j0 + r, rows[i]]
+    best = np.empty(LSH_BLOCK, dtype=x.dtype)
+    val = np.empty((nb, LSH_BLOCK), dtype=np.int32)
+    nz = np.empty((nb, LSH_BLOCK), dtype=np.int32)
+    code = np.empty(LSH_BLOCK, dtype=np.int32)
+    fill = np.empty(LSH_BLOCK, dtype=np.int32)
+    todo = np.empty(LSH_BLOCK, dtype=np.int32)
+    live = np.empty(LSH_BLOCK, dtype=np.int32)
+    for tab in range(ntab):
+        t0 = tab * nb * w
+        _dwta_bins(xt, bins, t0, w, 0, used, best, val, nz)
+        full = 1
+        for b in range(used):
+            for r in range(nr):
+                full &= nz[b, r]
+        if not full:
+            _dwta_bins(xt, bins, t0, w, used, nb, best, val, nz)
+            for r in range(LSH_BLOCK):
+                live[r] = 0
+            for b in range(nb):
+                for r in range(LSH_BLOCK):
+                    live[r] |= nz[b, r]
+        for r in range(LSH_BLOCK):
+            code[r] = 0
+        for b in range(used):
+            shift = np.int32(b * logw)
+            left = 0
+            if not full:
+                for r in range(LSH_BLOCK):
+                    fill[r] = val[b, r] * nz[b, r]
+                    todo[r] = live[r] & (nz[b, r] ^ 1) & np.int32(r < nr)
+                    left += todo[r]
+            if left == 0:
+                for r in range(LSH_BLOCK):
+                    code[r] |= (val[b, r] if full else fill[r]) << shift
+                continue
+            t = 0
+            while left > _DWTA_ROWWISE and t < probes:
+                left = _dwta_borrow(val, nz, tbl[b, t], todo, fill)
+                t += 1
+            step = 1
+            while left > _DWTA_ROWWISE and step < nb:
+                left = _dwta_borrow(val, nz, (b + step) % nb, todo, fill)
+                step += 1
+            if left > 0:
+                for r in range(nr):
+                    if todo[r]:
+                        a = -1
+                        for tt in range(t, probes):
+                            src = tbl[b, tt]
+                            if nz[src, r]:
+                                a = val[src, r]
+                                break
+                        for st in range(step if a < 0 else nb, nb):
+                            src = (b + st) % nb
+                            if nz[src, r]:
+                                a = val[src, r]
+                                break
+                        fill[r] = max(a, 0)
+            for r in range(LSH_BLOCK):
+                code[r] |= fill[r] << shift
+        dst = np.uint64(j0)
+        for r in range(np.uint64(nr)):
+            out[tab, dst + r] = code[r] & np.int32(mask)
+
+
+@_parallel
+def _lsh_dwta_codes(x, rows, bins, nb, w, logw, used, mask, tbl, out):
+    """``_lsh_dwta_block`` for every block (a function of its own, shared by both builds)."""
+    for blk in prange((x.shape[0] + LSH_BLOCK - 1) // LSH_BLOCK):
+        _lsh_dwta_block(x, rows, bins, nb, w, logw, used, mask, tbl, out, blk)
+
+
+def lsh_dwta_codes(x, rows, bins, bits, key, probes):
+    """Densified winner-take-all codes (int32 ``[L, n]``; math in ``reference.lsh_dwta_codes``).
+    Only the first ``ceil(bits / log2 w)`` bins of a table reach its code, so only theirs are
+    densified."""
+    xs = x.detach().numpy()
+    L, nb, w = bins.shape
+    logw = w.bit_length() - 1
+    tbl = _dwta_probes(key, nb, probes)
+    used = min(nb, -(-bits // logw))
+    out = np.empty((L, xs.shape[0]), dtype=np.int32)
+    _lsh_dwta_codes(_serial(xs.shape[0] * L * used * w), xs, rows.detach().numpy(),
+                    bins.detach().reshape(-1).numpy(), nb, w, logw, used, (1 << bits) - 1, tbl,
+                    out)
+    return torch.from_numpy(out)
+
+
+@_parallel
+def _lsh_buckets(codes, offsets, members):
+    """Counting sort of table ``l`` per task: counts into ``offsets[l, h + 1]`` (zeroed), their
+    prefix sums, then the neurons in increasing ``j`` to their bucket's next free place.
+    Positions are ``uint64`` (measured on one table set of [50, 205443]: the count pass 5.2 ms
+    with signed indices, 3.5 ms without; the scatter 11.9 ms and 9.6 ms)."""
+    ntab, n = codes.shape
+    nbk = offsets.shape[1] - 1
+    one = np.uint64(1)
+    for tab in prange(ntab):
+        off = offsets[tab]
+        row = codes[tab]
+        dst = members[tab]
+        for j in range(n):
+            off[np.uint64(row[j]) + one] += 1
+        for h in range(nbk):
+            off[h + 1] += off[h]
+        pos = off[:nbk].copy()
+        for j in range(n):
+            h = np.uint64(row[j])
+            dst[np.uint64(pos[h])] = j
+            pos[h] += 1
+
+
+def lsh_buckets(codes, bits):
+    """CSR buckets of every table (offsets int64 ``[L, 2^bits + 1]``, members int32 ``[L, n]``,
+    ascending within a bucket)."""
+    cs = codes.detach().numpy()
+    L, n = cs.shape
+    offsets = np.zeros((L, (1 << bits) + 1), dtype=np.int64)
+    members = np.empty((L, n), dtype=np.int32)
+    _lsh_buckets(_serial(L * (n + (1 << bits))), cs, offsets, members)
+    return torch.from_numpy(offsets), torch.from_numpy(members)
+
+
+# Buckets of the top bits of the rank's hash in the partial selection of ``_lsh_keep_smallest``.
+_RANK_BITS = 16
+
+
+@njit(cache=True)
+def _lsh_keep_smallest(out, start, cnt, need, key):
+    """Reorder ``out[start:start + cnt]`` (distinct ids) so that its first ``need`` entries are
+    the ``need`` ids of smallest ``lsh_rank = fmix32(j ^ key) 2^31 + j`` (``0 < need < cnt``).
+
+    A histogram of the hashes' top ``_RANK_BITS`` bits finds the bucket where the ``need``-th
+    smallest lies; only that bucket's few ranks are sorted, the others are decided by the bucket
+    alone. Two passes over the candidates, no full sort."""
+    ukey = np.uint64(key)
+    hs = np.empty(cnt, dtype=np.int64)
+    hist = np.zeros(1 << _RANK_BITS, dtype=np.int64)
+    shift = 32 - _RANK_BITS
+    for q in range(cnt):
+        h = np.int64(_fmix32(np.uint64(out[start + q]) ^ ukey))
+        hs[q] = h
+        hist[h >> shift] += 1
+    below = 0
+    cut = 0
+    for t in range(1 << _RANK_BITS):
+        if below + hist[t] >= need:
+            cut = t
+            break
+        below += hist[t]
+    ranks = np.empty(hist[cut], dtype=np.int64)
+    i = 0
+    for q in range(cnt):
+        if hs[q] >> shift == cut:
+            ranks[i] = (hs[q] << 31) | out[start + q]
+            i += 1
+    ranks.sort()
+    last = ranks[need - below - 1]
+    kept = 0
+    for q in range(cnt):
+        h = hs[q]
+        top = h >> shift
+        j = out[start + q]
+        if top < cut or (top == cut and ((h << 31) | j) <= last):
+            out[start + q] = out[start + kept]
+            out[start + kept] = j
+            hs[q] = hs[kept]
+            hs[kept] = h
+            kept += 1
+
+
+@njit(cache=True)
+def _lsh_union(mark, out, count, qcodes, offsets, members, m, key):
+    """``reference.lsh_union_``, table by table: the distinct buckets the batch hits (its codes
+    sorted), their members not yet marked are marked and appended; the buckets of one table are
+    disjoint, so the marks alone dedupe. A table that overshoots ``m`` keeps its ``m - count``
+    new ids of smallest rank and unmarks the rest."""
+    nq, ntab = qcodes.shape
+    n = mark.shape[0]
+    hits = np.empty(nq, dtype=np.int64)
+    for t in range(ntab):
+        if count >= m:
+            break
+        for q in range(nq):
+            hits[q] = qcodes[q, t]
+        hits.sort()
+        new = 0
+        for q in range(nq):
+            h = hits[q]
+            if q > 0 and h == hits[q - 1]:
+                continue
+            lo = offsets[t, h]
+            hi = offsets[t, h + 1]
+            if lo < 0 or hi < lo or hi > members.shape[1]:
+                raise ValueError("lsh union: offsets are not those of buckets() for this table")
+            for e in range(lo, hi):
+                j = members[t, e]
+                if j < 0 or j >= n:
+                    raise ValueError("lsh union: a bucket member is not a neuron of the set")
+                if not mark[j]:
+                    mark[j] = True
+                    out[count + new] = j
+                    new += 1
+        if count + new > m:
+            need = m - count
+            _lsh_keep_smallest(out, count, new, need, key)
+            for q in range(count + need, count + new):
+                mark[out[q]] = False
+            new = need
+        count += new
+    return count
+
+
+def lsh_union_(mark, out, count, qcodes, offsets, members, m, key):
+    """Add the neurons of the buckets the batch hits, table by table (``reference.lsh_union_``);
+    ``mark`` and ``out`` are updated in place, ``out[:count]`` in no particular order."""
+    return int(_lsh_union(mark.numpy(), out.numpy(), count, qcodes.detach().numpy(),
+                          offsets.detach().long().numpy(), members.detach().numpy(), m, key))
+
+
+@njit(cache=True)
+def _lsh_pad(mark, out, count, m, key):
+    """The unmarked ids are listed after ``out[:count]`` (exactly the room ``out`` has left), the
+    ``m - count`` of smallest rank moved to the front and marked."""
+    n = mark.shape[0]
+    free = 0
+    for j in range(n):
+        if not mark[j]:
+            if count + free >= out.shape[0]:
+                raise ValueError("lsh pad: count does not match the marks")
+            out[count + free] = j
+            free += 1
+    need = min(m - count, free)
+    if need < free:
+        _lsh_keep_smallest(out, count, free, need, key)
+    for q in range(count, count + need):
+        mark[out[q]] = True
+    return count + need
+
+
+def lsh_pad_(mark, out, count, m, key):
+    """Fill the set up to ``m`` with the unmarked neurons of smallest ``lsh_rank``."""
+    if count >= m:
+        return count
+    return int(_lsh_pad(mark.numpy(), out.numpy(), count, m, key))
+
+
+@njit(cache=True)
+def _lsh_force(mark, out, count, ids):
+    for q in range(ids.shape[0]):
+        j = ids[q]
+        if not mark[j]:
+            mark[j] = True
+            out[count] = j
+            count += 1
+    return count
+
+
+def lsh_force_(mark, out, count, ids):
+    """Add the distinct ``ids`` not yet in the set (in order of first appearance)."""
+    return int(_lsh_force(mark.numpy(), out.numpy(), count, ids.detach().long().numpy()))
+
+
+@njit(cache=True)
+def _lsh_softmax_row(z, offsets, pos, nb, per, grad, b):
+    """Row ``b``: the maximum, then ``e_p = exp(z_p - max)`` and their sum in one pass (float64),
+    the targets' mean, and the gradient row written once."""
+    m = z.shape[1]
+    cnt = offsets[b + 1] - offsets[b]
+    if cnt == 0:
+        per[b] = 0.0
+        for p in range(m):
+            grad[b, p] = 0
+        return
+    mx = -np.inf
+    for p in range(m):
+        v = np.float64(z[b, p])
+        mx = v if v > mx else mx
+    # torch.logsumexp shifts by the maximum only when it is finite.
+    shift = mx if np.isfinite(mx) else 0.0
+    e = np.empty(m, dtype=np.float64)
+    tot = 0.0
+    for p in range(m):
+        t = np.exp(np.float64(z[b, p]) - shift)
+        e[p] = t
+        tot += t
+    tz = 0.0
+    for q in range(offsets[b], offsets[b + 1]):
+        tz += np.float64(z[b, pos[q]])
+    inv_cnt = 1.0 / cnt
+    per[b] = shift + np.log(tot) - tz * inv_cnt
+    for p in range(m):
+        e[p] /= tot
+    for q in range(offsets[b], offsets[b + 1]):
+        e[pos[q]] -= inv_cnt
+    for p in range(m):
+        grad[b, p] = e[p] / nb
+
+
+@_parallel
+def _lsh_softmax_loss(z, offsets, pos, nb, per, grad):
+    """``_lsh_softmax_row`` for every row (a function of its own, shared by both builds)."""
+    for b in prange(z.shape[0]):
+        _lsh_softmax_row(z, offsets, pos, nb, per, grad, b)
+
+
+def lsh_softmax_loss(logits, tgt_offsets, tgt_pos):
+    """Label-normalised softmax cross-entropy over the active set and its gradient
+    (``reference.lsh_softmax_loss``), float64 inside; the per-row losses are summed in row
+    order."""
+    z = logits.detach().numpy()
+    B = z.shape[0]
+    per = np.empty(B, dtype=np.float64)
+    grad = np.empty(z.shape, dtype=z.dtype)
+    _lsh_softmax_loss(_serial(z.size), z, tgt_offsets.detach().long().numpy(),
+                      tgt_pos.detach().long().numpy(), float(max(B, 1)), per, grad)
+    loss = per.sum() / max(B, 1)
+    return torch.tensor(loss, dtype=logits.dtype), torch.from_numpy(grad)

@@ -291,7 +291,7 @@ def lsh_fold(x, c, signs):
     pad = (-d) % c
     if pad:
         x = torch.cat([x, x.new_zeros(n, pad)], 1)
-    return x.view(n, -1, c).sum(1)
+    return x.reshape(n, (d + pad) // c, c).sum(1)
 
 
 def lsh_pg_codes(x, proj, signs):

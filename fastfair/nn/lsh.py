@@ -71,6 +71,9 @@ class LSHFamily:
         self.kind = kind
         self.in_features = _int("in_features", in_features, 1)
         self.bits = _int("bits", bits, 1, lsh.MAX_BITS)
+        if self.bits > lsh.MAX_TABLE_BITS and kind != "random":
+            raise ValueError(f"bits={self.bits}: a table of more than {lsh.MAX_TABLE_BITS} bits "
+                             f"would keep 2^bits bucket offsets")
         self.tables = _int("tables", tables, 1)
         self.seed = _int("seed", seed, 0, hashing.MAX_SEED - 1)
         self.backend = backends.check_name(backend)
