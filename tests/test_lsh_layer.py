@@ -332,3 +332,16 @@ def test_cli_xc_bad_arguments_give_one_line(argv, message, capsys, tmp_path):
     assert cli_main(["xc", "--data", "synthetic", "--out", str(tmp_path), *argv]) == 2
     err = capsys.readouterr().err
     assert err.startswith("fastfair: error:") and message in err and err.count("\n") == 1
+
+
+def test_delicious_pg_beats_label_popularity():
+    from fastfair.fl.data import default_data_dir
+    from fastfair.fl.xc import load_xc_split, precision_at_k
+    folder = default_data_dir() / "xc" / "delicious"
+    if not folder.is_dir():
+        pytest.skip(f"real dataset folder {folder} is absent")
+    tr, te = load_xc_split(folder)
+    popular = tr.label_counts().topk(5).indices.expand(len(te), 5)
+    baseline = precision_at_k(popular, te.label_indptr, te.label_ids)[1]
+    recs = train(tr, te, XCConfig(method="pg", budget=0.25, epochs=2, force_labels=False))
+    assert recs[-1]["P@1"] > baseline + 0.1
