@@ -2,7 +2,8 @@
 
 Runs every method x budget x device count on one dataset with the same seed and writes to
 ``--out``: ``config.json`` (settings, command, versions, data summary), ``results.jsonl`` (one
-record per evaluation) and ``summary.md`` (best and final P@1/3/5, mean active neurons, MB moved,
+record per evaluation), ``models/<method>__budget<b>__devices<n>.pt`` (each trained model's
+``state_dict``) and ``summary.md`` (best and final P@1/3/5, mean active neurons, MB moved,
 seconds per epoch), printed at the end. Every bad argument ends with one line
 ``fastfair: error: ...`` and status 2.
 """
@@ -175,8 +176,11 @@ def main(argv: Optional[list] = None) -> int:
 
     if not args.quiet:
         print(train_data.summary())
+    models = out / "models"
+    models.mkdir(exist_ok=True)
     for cfg in runs:
-        train(train_data, test_data, cfg, on_eval=log)
+        name = f"{cfg.method}__budget{cfg.effective_budget:g}__devices{cfg.devices}.pt"
+        train(train_data, test_data, cfg, on_eval=log, save=models / name)
     table = summary_table(records)
     (out / "summary.md").write_text(f"# fastfair xc on {train_data.name}\n\n{table}\n")
     print(table)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from fastfair.cli import main as cli_main
-from fastfair.fl.pghash import XCConfig, XCTrainer, evaluate, train
+from fastfair.fl.pghash import XCConfig, XCNet, XCTrainer, evaluate, train
 from fastfair.fl.xc import synthetic_xc
 from fastfair.nn import LSHFamily, LSHOutputLayer
 
@@ -319,6 +319,14 @@ def test_cli_xc_runs_and_writes_the_summary(tmp_path, capsys):
     assert {(r["method"], r["devices"]) for r in records} == {
         (m, d) for m in ("dense", "pg", "sampled") for d in (1, 2)}
     assert json.loads((out / "config.json").read_text())["command"][:2] == ["fastfair", "xc"]
+    # The saved model loads back exactly and scores as recorded.
+    cfg = XCConfig(method="pg", budget=0.5, hidden=8, tables=4, bits=4, devices=2)
+    tr, te = synthetic_xc(300, 80, 100, seed=0, test_points=60)
+    net = XCNet(tr.num_features, tr.num_labels, cfg, seed=cfg.seed)
+    net.load_state_dict(torch.load(out / "models" / "pg__budget0.5__devices2.pt",
+                                   weights_only=True))
+    last = [r for r in records if (r["method"], r["devices"]) == ("pg", 2)][-1]
+    assert evaluate(net, te)["P@1"] == last["P@1"]
 
 
 @pytest.mark.parametrize("argv,message", [

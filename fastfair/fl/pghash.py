@@ -219,6 +219,9 @@ class XCTrainer:
         return float(loss.detach())
 
     def run_epoch(self) -> dict:
+        """One pass over the training data: shuffled batches centralised; federated, as many
+        rounds as the largest device needs for one pass (``len // (batch_size local_steps)``),
+        each device drawing its round's batches at random from its own points."""
         t0 = time.perf_counter()
         losses = []
         if self.cfg.devices == 1:
@@ -302,9 +305,11 @@ class XCTrainer:
 
 
 def train(train_data: XCData, test_data: XCData, cfg: XCConfig, on_eval=None,
-          eval_every: int = 1) -> list:
+          eval_every: int = 1, save=None) -> list:
     """Train ``cfg.epochs`` epochs, evaluating every ``eval_every`` and after the last; returns
-    the evaluation records."""
+    the evaluation records. ``save``: a path where the trained global model's ``state_dict``
+    is written (it loads back with ``torch.load(weights_only=True)`` into an ``XCNet`` built
+    with the same config)."""
     tr = XCTrainer(train_data, test_data, cfg)
     records = []
     for e in range(1, cfg.epochs + 1):
@@ -316,4 +321,6 @@ def train(train_data: XCData, test_data: XCData, cfg: XCConfig, on_eval=None,
             records.append(rec)
             if on_eval is not None:
                 on_eval(rec)
+    if save is not None:
+        torch.save(tr.net.state_dict(), save)
     return records
