@@ -16,6 +16,11 @@ gradient is dense are treated as fully used (plain Adam). Give it the sparse-gra
 of the model to ``torch.optim.Adam``; call ``flush()`` before reading or sending the tables.
 Like ``torch.optim.Adam`` it does not check gradients: a NaN or Inf propagates into the rows it
 touches (``fastfair.fl.runner`` rejects such updates).
+
+``LazyAdam`` is ``torch.optim.SparseAdam``'s rule (only the rows in the gradient move, their
+moments included; bias corrections from the parameter's own step count) run by one fused kernel
+per parameter instead of SparseAdam's chain of sparse-masked tensor ops. It is what
+``fastfair.nn.LSHOutputLayer`` trains with: inactive neurons keep their weights and moments.
 """
 from __future__ import annotations
 
@@ -144,3 +149,63 @@ class DeferredAdam(torch.optim.Optimizer):
                     self._rows(p.data), self._rows(state["exp_avg"]),
                     self._rows(state["exp_avg_sq"]), last, rows, None, t, step_size, inv,
                     b1, b2, group["eps"])
+
+
+class LazyAdam(torch.optim.Optimizer):
+    """``torch.optim.SparseAdam``'s update (see the module doc), fused; also takes dense
+    gradients (every row moves, as in SparseAdam given a gradient with every row)."""
+
+    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
+                 backend: str = "auto"):
+        if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+            raise ValueError(f"lr must be a positive number, got {lr!r}")
+        if (not isinstance(betas, (tuple, list)) or len(betas) != 2
+                or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas)):
+            raise ValueError(f"betas must be two numbers in [0, 1), got {betas!r}")
+        if not (isinstance(eps, (int, float)) and eps >= 0):
+            raise ValueError(f"eps must be a number >= 0, got {eps!r}")
+        backends.check_name(backend)
+        super().__init__(params, dict(lr=float(lr), betas=tuple(map(float, betas)),
+                                      eps=float(eps), backend=backend))
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.dtype not in (torch.float32, torch.float64):
+                    raise TypeError(f"LazyAdam needs float32 or float64 parameters, got "
+                                    f"{p.dtype}")
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            b1, b2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                grad = p.grad
+                rows2d = DeferredAdam._rows
+                if grad.is_sparse:
+                    grad = grad.coalesce()
+                    rows, values = grad.indices()[0], grad.values()
+                    values = values.reshape(values.shape[0], -1)
+                else:
+                    rows = torch.arange(rows2d(p).shape[0], device=p.device)
+                    values = rows2d(grad)
+                if rows.numel() == 0:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["step"] = 0
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+                    state["exp_avg_sq"] = torch.zeros_like(
+                        p, memory_format=torch.contiguous_format)
+                state["step"] += 1
+                t = state["step"]
+                step_size = group["lr"] * math.sqrt(1 - b2 ** t) / (1 - b1 ** t)
+                mod = backends.resolve(group["backend"], p.device)
+                kernel = getattr(mod, "lazy_adam", reference.lazy_adam)
+                kernel(rows2d(p.data), rows2d(state["exp_avg"]), rows2d(state["exp_avg_sq"]),
+                       rows, values.to(p.dtype).contiguous(), step_size, b1, b2, group["eps"])
+        return loss

@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+from fastfair.kernels import backends
 from fastfair.nn import HashedEmbedding
 from fastfair.optim import DeferredAdam
 
@@ -126,3 +127,49 @@ def test_state_round_trip_keeps_deferred_rows_exact():
     opt_a.flush()
     opt_b.flush()
     assert torch.equal(a.weight, b.weight)
+
+
+# ---------------------------------------------------------------- LazyAdam
+@pytest.mark.parametrize("backend", ["reference", "numba"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_lazy_adam_is_sparse_adam(backend, dtype):
+    from fastfair.optim import LazyAdam
+    if backends.why_not(backend, torch.device("cpu")):
+        pytest.skip(backends.why_not(backend, torch.device("cpu")))
+    g = torch.Generator().manual_seed(3)
+    p0 = torch.randn(300, 7, generator=g, dtype=dtype)
+    bias0 = torch.randn(300, generator=g, dtype=dtype)
+    a = [torch.nn.Parameter(p0.clone()), torch.nn.Parameter(bias0.clone())]
+    b = [torch.nn.Parameter(p0.clone()), torch.nn.Parameter(bias0.clone())]
+    ours = LazyAdam(a, lr=0.05, betas=(0.8, 0.95), eps=1e-6, backend=backend)
+    torch_ = torch.optim.SparseAdam(b, lr=0.05, betas=(0.8, 0.95), eps=1e-6)
+    touched = torch.zeros(300, dtype=torch.bool)
+    for step in range(6):
+        rows = torch.randperm(300, generator=g)[:40 + 30 * step]  # sizes around the serial limit
+        touched[rows] = True
+        vals = torch.randn(rows.numel(), 7, generator=g, dtype=dtype)
+        bvals = torch.randn(rows.numel(), generator=g, dtype=dtype)
+        for params in (a, b):
+            params[0].grad = torch.sparse_coo_tensor(rows[None], vals, (300, 7),
+                                                     check_invariants=True)
+            params[1].grad = torch.sparse_coo_tensor(rows[None], bvals, (300,),
+                                                     check_invariants=True)
+        ours.step()
+        torch_.step()
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x.detach(), y.detach(), **tol)
+        torch.testing.assert_close(ours.state[x]["exp_avg"], torch_.state[y]["exp_avg"], **tol)
+    assert torch.equal(a[0][~touched], p0[~touched])  # never-used rows never move
+    assert bool((ours.state[a[0]]["exp_avg"][~touched] == 0).all())
+
+
+def test_lazy_adam_rejects_bad_arguments():
+    from fastfair.optim import LazyAdam
+    p = [torch.nn.Parameter(torch.zeros(3, 2))]
+    with pytest.raises(ValueError, match="lr must be a positive number, got -1"):
+        LazyAdam(p, lr=-1)
+    with pytest.raises(ValueError, match="betas"):
+        LazyAdam(p, betas=(0.9, 1.0))
+    with pytest.raises(TypeError, match="float32 or float64"):
+        LazyAdam([torch.nn.Parameter(torch.zeros(3, dtype=torch.float16))])

@@ -6,9 +6,9 @@ active neurons (``fastfair.nn.LSHOutputLayer``). Methods: ``dense`` (every neuro
 softmax), ``pg``, ``dwta``, ``simhash`` (LSH selection at the budget) and ``sampled`` (the labels
 plus random neurons up to the budget: sampled softmax).
 
-Optimisers: Adam on the first layer, ``torch.optim.SparseAdam`` on the output layer, so an
-inactive neuron's weights and moments do not move (unlike the reference code, whose Adam moves
-them all). The dense method uses the same pair with every neuron active.
+Optimisers: Adam on the first layer, ``fastfair.optim.LazyAdam`` (``torch.optim.SparseAdam``'s
+rule, fused) on the output layer, so an inactive neuron's weights and moments do not move (unlike
+the reference code, whose Adam moves them all). The dense method uses the same pair with every neuron active.
 
 Federated (``devices >= 2``; the loop of the reference code). The training points are split at
 random over the devices. Every round each device, with its own private hash functions (its seed
@@ -43,6 +43,7 @@ from torch import Tensor, nn
 
 from ..kernels import hashing
 from ..nn.lsh import LSHOutputLayer, select
+from ..optim import LazyAdam
 from .xc import XCData, precision_at_k
 
 METHODS = ("dense", "pg", "dwta", "simhash", "sampled")
@@ -151,7 +152,7 @@ class XCNet(nn.Module):
 
 def _optimizers(net: XCNet, lr: float) -> list:
     return [torch.optim.Adam([net.first.weight, net.first_bias], lr=lr),
-            torch.optim.SparseAdam([net.out.weight, net.out.bias], lr=lr)]
+            LazyAdam([net.out.weight, net.out.bias], lr=lr, backend=net.out.family.backend)]
 
 
 def evaluate(net: XCNet, data: XCData, ks=(1, 3, 5), batch_size: int = 1024) -> dict:

@@ -1110,6 +1110,30 @@ def _coalesce_rows(rows, vals, last, out_rows, out_vals, saved):
     return count
 
 
+@_parallel
+def _lazy_adam(p, m, v, rows, g, step_size, c1, c2, eps):
+    for e in prange(rows.size):
+        r = rows[e]
+        for j in range(p.shape[1]):
+            gj = g[e, j]
+            mj = m[r, j] + (gj - m[r, j]) * c1
+            vj = v[r, j] + (gj * gj - v[r, j]) * c2
+            m[r, j] = mj
+            v[r, j] = vj
+            p[r, j] -= step_size * (mj / (np.sqrt(vj) + eps))
+
+
+def lazy_adam(param, exp_avg, exp_avg_sq, rows, grad, step_size, beta1, beta2, eps):
+    """See ``reference.lazy_adam``; rows are distinct and independent, so they run in parallel
+    and the thread count changes nothing."""
+    if rows.numel() == 0:
+        return
+    dt = param.numpy().dtype.type
+    _lazy_adam(_serial(rows.numel() * param.shape[1]), param.numpy(), exp_avg.numpy(),
+               exp_avg_sq.numpy(), rows.numpy(), grad.contiguous().numpy(), dt(step_size),
+               dt(1 - beta1), dt(1 - beta2), dt(eps))
+
+
 def coalesce_rows(rows, values, last):
     """The rows of an uncoalesced sparse gradient made unique, their values summed in entry
     order (deterministic), in one pass without a sort. ``last`` (the non-negative per-row steps

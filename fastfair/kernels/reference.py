@@ -449,3 +449,22 @@ def lsh_softmax_loss(logits, tgt_offsets, tgt_pos):
     loss = per.sum() / max(B, 1)
     grad = torch.where(has[:, None], torch.softmax(z, 1) - t, torch.zeros_like(z)) / max(B, 1)
     return loss.to(logits.dtype), grad.to(logits.dtype)
+
+
+# ---------------------------------------------------------------- lazy Adam (fastfair.optim)
+def lazy_adam(param, exp_avg, exp_avg_sq, rows, grad, step_size, beta1, beta2, eps):
+    """``torch.optim.SparseAdam``'s update of rows ``rows`` (distinct) of ``[R, w]`` state with
+    ``grad [len(rows), w]``; other rows do not move. Per element::
+
+        m <- m + (1 - b1)(g - m),  v <- v + (1 - b2)(g^2 - v),  p <- p - step_size m / (sqrt(v) + eps)
+
+    with ``step_size = lr sqrt(1 - b2^t) / (1 - b1^t)`` for the parameter's step ``t``."""
+    if rows.numel() == 0:
+        return
+    m = exp_avg[rows]
+    v = exp_avg_sq[rows]
+    m = m + (grad - m) * (1 - beta1)
+    v = v + (grad * grad - v) * (1 - beta2)
+    exp_avg[rows] = m
+    exp_avg_sq[rows] = v
+    param[rows] = param[rows] - step_size * (m / (v.sqrt() + eps))

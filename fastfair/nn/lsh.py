@@ -27,8 +27,8 @@ with ``serial=True``, generated one at a time from the sketch at every step, use
 of ``L`` tables plus ``W``. Both give the same active set from the same weights.
 
 Gradients: ``sparse=True`` (default) gives ``weight.grad`` and ``bias.grad`` as sparse COO tensors
-of the active rows, for ``torch.optim.SparseAdam``, so inactive neurons' optimizer state does not
-move (dense Adam would decay their moments and keep moving them, as the reference code does).
+of the active rows, for ``fastfair.optim.LazyAdam`` (or ``torch.optim.SparseAdam``, the same rule,
+slower), so inactive neurons' optimizer state does not move (dense Adam would decay their moments and keep moving them, as the reference code does).
 """
 from __future__ import annotations
 
