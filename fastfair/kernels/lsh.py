@@ -331,8 +331,8 @@ def lsh_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], active: Tensor
                sparse: bool = False) -> Tensor:
     """``z[b, p] = <x_b, W[active[p]]> + bias[active[p]]`` (``[B, M]``). Backward writes only
     the ``active`` rows of the weight's and bias' gradients: zeros elsewhere, or a coalesced sparse
-    COO tensor of those rows (``sparse=True``, for ``torch.optim.SparseAdam``: inactive neurons'
-    optimizer state then does not move). ``active`` must be sorted and distinct (``ActiveSet.ids``)."""
+    COO tensor of those rows (``sparse=True``, for ``fastfair.optim.LazyAdam`` or
+    ``torch.optim.SparseAdam``: inactive neurons' optimizer state then does not move). ``active`` must be sorted and distinct (``ActiveSet.ids``)."""
     _float("x", x, 2)
     _float("weight", weight, 2)
     if x.shape[1] != weight.shape[1]:
