@@ -949,8 +949,8 @@ def kmeans_seed(x, first, uniforms, plusplus):
 
 
 # ---------------------------------------------------------------- LSH output layers (PGHash)
-# The code and loss ops of ``fastfair.kernels.lsh`` (math in ``reference.lsh_*``). Buckets and the
-# selection (force / union / pad) have no Triton kernel: their ``auto`` fallback is ``reference``.
+# The code and loss ops of ``fastfair.kernels.lsh`` (math in ``reference.lsh_*``); buckets and the
+# selection (force / union / pad) are in the section "LSH buckets and selection" below.
 #
 # * ``lsh_fold``: grid ``(ceil(n / BR), ceil(c / BC))``; a program folds ``BR`` rows on ``BC``
 #   sketch columns, reading the row ``NF`` folds at a time as an ``[BR, NF, BC]`` tile
@@ -1279,3 +1279,249 @@ def lsh_softmax_loss(logits, tgt_offsets, tgt_pos):
         ACC=_acc_dtype(logits.dtype), num_warps=4)
     loss = per.double().sum() / B
     return loss.to(logits.dtype), grad
+
+
+# ---------------------------------------------------------------- LSH buckets and selection
+# ``lsh_buckets``, ``lsh_union_``, ``lsh_pad_`` and ``lsh_force_`` (math in ``reference.lsh_*``).
+#
+# * ``lsh_buckets``: a counting sort in two kernels and torch glue, deterministic (members
+#   ascending within a bucket, bit-identical to the reference). Each table is cut into ``S``
+#   segments of ``SEG`` neurons. (1) ``_lsh_bucket_count_kernel``, grid ``(ceil(n / BC), L)``:
+#   integer atomics count the codes per (table, segment, bucket); integer adds commute, so the
+#   counts do not depend on scheduling. (2) torch: the per-table counts' cumsum gives the offsets,
+#   and each (table, segment) starts its cursor of bucket ``h`` at ``offsets[h]`` plus the counts
+#   of ``h`` in the earlier segments. (3) ``_lsh_bucket_scatter_kernel``, grid ``(S, L)``: a
+#   program walks its segment ``BS`` neurons at a time in increasing order; a neuron goes to
+#   ``cursor[h] +`` the number of earlier neurons of the block with the same code (a ``[BS, BS]``
+#   comparison), and the last neuron of each code in the block advances ``cursor[h]``. Why this
+#   design: a scatter through atomic cursors would be faster but puts a bucket's members in
+#   scheduling order (then each bucket needs a sort), while per-(block, bucket) count prefixes for
+#   every block need ``L n 2^bits / BS`` counters; segments bound that table at
+#   ``LSH_BUCKET_CELLS`` counters (``S`` as large as fits, at most one segment per block: the
+#   target shape, 50 tables of 2^8 buckets over 205,443 neurons, gets 321 segments per table,
+#   each 10 blocks of 64), and within a segment the walk is sequential, so the order comes for
+#   free. ``BS = 64`` with 4 warps: the ``[BS, BS]`` comparison at 128 needs 255 registers and
+#   spills on sm_90a (offline compile), at 64 it takes 96 and none.
+#   When ``L 2^bits`` alone exceeds the cap (many tables of 16+ bits) ``S = 1``: one program per
+#   table walks all its neurons (``n / BS`` sequential blocks; slower, still correct, and the
+#   counters stay no larger than the offsets). No host sync: every size is known.
+#   The cursor's load and its update by the last lane of a code are separated by CTA barriers
+#   (``tl.debug_barrier``): other warps of the program read and write the same cursors.
+# * ``lsh_union_``: tables in order (the budget rule is sequential), each table in parallel:
+#   ``_lsh_union_kernel``, grid ``B``, program ``q`` takes the ``q``-th of the batch's codes for the
+#   table sorted (torch, once for all tables); a code equal to the one before it is a duplicate and
+#   does nothing, so every hit bucket is walked once. Buckets of one table are disjoint, so each
+#   neuron is seen by one lane at most: that lane tests and sets its mark without atomics, and the
+#   new ids are appended to ``out[count:]`` at a block offset taken from one integer atomic counter
+#   per block (``tl.cumsum`` places the block's ids; order across blocks is free, as the contract
+#   allows). One host sync per table, reading that counter: the Python loop must know whether the
+#   budget is reached (to stop, and to return the count as an int). The overshooting table (at
+#   most one per call) is trimmed by ``_lsh_rank_kernel`` (``lsh_rank`` bit-exact: ``_fmix32`` in
+#   uint32, then ``h 2^31 | j`` in int64) and ``torch.topk`` of the ``m - count`` smallest ranks;
+#   the others are unmarked. No further sync.
+# * ``lsh_pad_``: ``_lsh_rank_kernel`` over all ``n`` neurons (marked ones get the largest int64,
+#   so they come last), ``torch.topk`` of the ``m - count`` smallest: no host sync (the set has
+#   ``n - count >= m - count`` unmarked neurons, as ``ActiveSet`` keeps ``count`` = marks).
+# * ``lsh_force_``: the ids sorted (torch), then ``_lsh_force_kernel`` appends the first of each
+#   run of equal ids if unmarked, as the union does; one host sync (the new count).
+LSH_BUCKET_CELLS = 1 << 22
+LSH_BUCKET_COUNT_BLOCK = 1024
+LSH_BUCKET_SCATTER_BLOCK = 64
+LSH_SELECT_BLOCK = 256
+_INT64_MAX = tl.constexpr(2**63 - 1)
+
+
+@triton.jit
+def _lsh_bucket_count_kernel(codes_ptr, cnt_ptr, n, nbk, S, SEG, BC: tl.constexpr):
+    tab = tl.program_id(1).to(tl.int64)
+    j = tl.program_id(0).to(tl.int64) * BC + tl.arange(0, BC)
+    live = j < n
+    h = tl.load(codes_ptr + tab * n + j, mask=live, other=0).to(tl.int64)
+    seg = j // SEG
+    tl.atomic_add(cnt_ptr + (tab * S + seg) * nbk + h, 1, mask=live, sem="relaxed")
+
+
+@triton.jit
+def _lsh_bucket_scatter_kernel(codes_ptr, cur_ptr, mem_ptr, n, nbk, S, SEG, BS: tl.constexpr):
+    seg = tl.program_id(0).to(tl.int64)
+    tab = tl.program_id(1).to(tl.int64)
+    cur = cur_ptr + (tab * S + seg) * nbk
+    row = codes_ptr + tab * n
+    dst_row = mem_ptr + tab * n
+    i = tl.arange(0, BS)
+    earlier = i[None, :] < i[:, None]
+    later = i[None, :] > i[:, None]
+    lo = seg * SEG
+    hi = tl.minimum(lo + SEG, n)
+    for j0 in range(lo, hi, BS):
+        j = j0 + i
+        live = j < hi
+        # Codes are >= 0: masked lanes (-1) match nobody.
+        h = tl.load(row + j, mask=live, other=-1)
+        eq = h[:, None] == h[None, :]
+        rank = tl.sum((eq & earlier).to(tl.int32), axis=1)
+        last = tl.sum((eq & later).to(tl.int32), axis=1) == 0
+        hh = tl.maximum(h, 0).to(tl.int64)
+        # volatile: the cursor is rewritten by other warps of this program between blocks.
+        base = tl.load(cur + hh, mask=live, other=0, volatile=True)
+        # Every lane has read its cursor before any is advanced, and the advances are visible
+        # before the next block reads them.
+        tl.debug_barrier()
+        dst = base + rank
+        tl.store(dst_row + dst.to(tl.int64), j.to(tl.int32), mask=live)
+        tl.store(cur + hh, dst + 1, mask=live & last)
+        tl.debug_barrier()
+
+
+def lsh_buckets(codes, bits):
+    """CSR buckets of every table (offsets int64 ``[L, 2^bits + 1]``, members int32 ``[L, n]``,
+    ascending within a bucket); notes above, math in ``reference.lsh_buckets``."""
+    codes = codes.to(torch.int32).contiguous()
+    L, n = codes.shape
+    nbk = 1 << bits
+    dev = codes.device
+    offsets = torch.zeros(L, nbk + 1, dtype=torch.int64, device=dev)
+    members = torch.empty(L, n, dtype=torch.int32, device=dev)
+    if L == 0 or n == 0:
+        return offsets, members
+    bs = LSH_BUCKET_SCATTER_BLOCK
+    nblk = triton.cdiv(n, bs)
+    S = max(1, min(nblk, LSH_BUCKET_CELLS // (L * nbk)))
+    seg = triton.cdiv(nblk, S) * bs
+    S = triton.cdiv(n, seg)
+    cnt = torch.zeros(L, S, nbk, dtype=torch.int32, device=dev)
+    _lsh_bucket_count_kernel[(triton.cdiv(n, LSH_BUCKET_COUNT_BLOCK), L)](
+        codes, cnt, n, nbk, S, seg, BC=LSH_BUCKET_COUNT_BLOCK, num_warps=4)
+    offsets[:, 1:] = torch.cumsum(cnt.sum(1, dtype=torch.int64), 1)
+    cur = (offsets[:, None, :-1] + torch.cumsum(cnt, 1, dtype=torch.int64) - cnt).to(torch.int32)
+    _lsh_bucket_scatter_kernel[(S, L)](codes, cur.contiguous(), members, n, nbk, S, seg, BS=bs,
+                                       num_warps=4)
+    return offsets, members
+
+
+@triton.jit
+def _lsh_append(ids, new, mark_ptr, out_ptr, ctr_ptr, base):
+    """Mark the ``new`` lanes' ``ids`` and append them to ``out[base + ctr:]`` (``ctr`` an int32
+    counter advanced by one atomic per block; order across blocks is free)."""
+    tl.store(mark_ptr + ids, tl.full(ids.shape, 1, tl.uint8), mask=new)
+    flag = new.to(tl.int32)
+    tot = tl.sum(flag, axis=0)
+    start = tl.atomic_add(ctr_ptr, tot)
+    pos = tl.cumsum(flag, axis=0) - flag
+    tl.store(out_ptr + base + (start + pos).to(tl.int64), ids, mask=new)
+
+
+@triton.jit(do_not_specialize=("base",))
+def _lsh_union_kernel(q_ptr, off_ptr, mem_ptr, mark_ptr, out_ptr, ctr_ptr, base, n,
+                      BLK: tl.constexpr):
+    q = tl.program_id(0)
+    h = tl.load(q_ptr + q).to(tl.int64)
+    prev = tl.load(q_ptr + tl.maximum(q - 1, 0)).to(tl.int64)
+    lo = tl.load(off_ptr + h)
+    hi = tl.load(off_ptr + h + 1)
+    # A code equal to the one before it (codes sorted) was already walked: its bucket is empty here.
+    hi = tl.where((q == 0) | (prev != h), hi, lo)
+    e = tl.arange(0, BLK)
+    for e0 in range(lo, hi, BLK):
+        live = e0 + e < hi
+        j = tl.load(mem_ptr + e0 + e, mask=live, other=0).to(tl.int64)
+        live = live & (j >= 0) & (j < n)
+        seen = tl.load(mark_ptr + j, mask=live, other=1)
+        _lsh_append(j, live & (seen == 0), mark_ptr, out_ptr, ctr_ptr, base)
+
+
+@triton.jit(do_not_specialize=("base",))
+def _lsh_force_kernel(ids_ptr, mark_ptr, out_ptr, ctr_ptr, base, k, BLK: tl.constexpr):
+    p = tl.program_id(0).to(tl.int64) * BLK + tl.arange(0, BLK)
+    live = p < k
+    j = tl.load(ids_ptr + p, mask=live, other=0)
+    prev = tl.load(ids_ptr + tl.maximum(p - 1, 0), mask=live, other=-1)
+    # ids sorted: only the first of a run of equal ids may join.
+    live = live & ((p == 0) | (prev != j))
+    seen = tl.load(mark_ptr + j, mask=live, other=1)
+    _lsh_append(j, live & (seen == 0), mark_ptr, out_ptr, ctr_ptr, base)
+
+
+@triton.jit(do_not_specialize=("key",))
+def _lsh_rank_kernel(ids_ptr, mark_ptr, rank_ptr, k, key, BLK: tl.constexpr,
+                     ALL: tl.constexpr):
+    """``lsh_rank(j, key) = fmix32(j ^ key) 2^31 | j`` of ``ids[:k]``, or (``ALL``) of every
+    ``j < k`` with the marked ones ranked last (int64 max)."""
+    p = tl.program_id(0).to(tl.int64) * BLK + tl.arange(0, BLK)
+    live = p < k
+    if ALL:
+        j = p
+    else:
+        j = tl.load(ids_ptr + p, mask=live, other=0).to(tl.int64)
+    hsh = _fmix32(j.to(tl.uint32) ^ key.to(tl.uint32))
+    r = (hsh.to(tl.int64) << 31) | j
+    if ALL:
+        seen = tl.load(mark_ptr + p, mask=live, other=1)
+        r = tl.where(seen != 0, _INT64_MAX, r)
+    tl.store(rank_ptr + p, r, mask=live)
+
+
+def _lsh_ranks(ids, mark, k, key, all_ids):
+    rank = torch.empty(k, dtype=torch.int64, device=mark.device)
+    if k:
+        _lsh_rank_kernel[(triton.cdiv(k, LSH_SELECT_BLOCK),)](
+            ids, mark, rank, k, key, BLK=LSH_SELECT_BLOCK, ALL=all_ids, num_warps=4)
+    return rank
+
+
+def lsh_union_(mark, out, count, qcodes, offsets, members, m, key):
+    """Add the neurons of the buckets the batch hits, table by table (notes above; math in
+    ``reference.lsh_union_``); ``out[:count]`` in no particular order."""
+    B, T = qcodes.shape
+    if count >= m or B == 0 or T == 0:
+        return count
+    n = mark.shape[0]
+    flags = mark.view(torch.uint8)
+    qs = torch.sort(qcodes.to(torch.int32), dim=0).values.t().contiguous()
+    offsets = offsets.to(torch.int64).contiguous()
+    members = members.to(torch.int32).contiguous()
+    ctr = torch.zeros(T, dtype=torch.int32, device=mark.device)
+    for t in range(T):
+        if count >= m:
+            break
+        _lsh_union_kernel[(B,)](qs[t], offsets[t], members[t], flags, out, ctr[t:t + 1], count,
+                                n, BLK=LSH_SELECT_BLOCK, num_warps=4)
+        new = int(ctr[t])  # the host sync of this table
+        if count + new > m:
+            need = m - count
+            cand = out[count:count + new].clone()
+            rank = _lsh_ranks(cand, flags, new, key, False)
+            keep = cand[torch.topk(rank, need, largest=False, sorted=False).indices]
+            mark[cand] = False
+            mark[keep] = True
+            out[count:count + need] = keep
+            new = need
+        count += new
+    return count
+
+
+def lsh_pad_(mark, out, count, m, key):
+    """Fill the set up to ``m`` with the unmarked neurons of smallest ``lsh_rank`` (notes above;
+    math in ``reference.lsh_pad_``)."""
+    if count >= m:
+        return count
+    n = mark.shape[0]
+    flags = mark.view(torch.uint8)
+    rank = _lsh_ranks(flags, flags, n, key, True)
+    pick = torch.topk(rank, m - count, largest=False, sorted=False).indices
+    mark[pick] = True
+    out[count:m] = pick
+    return m
+
+
+def lsh_force_(mark, out, count, ids):
+    """Add the distinct ``ids`` not yet in the set (notes above; math in
+    ``reference.lsh_force_``)."""
+    k = ids.numel()
+    if k == 0:
+        return count
+    s = torch.sort(ids.to(torch.int64).reshape(-1)).values
+    ctr = torch.zeros(1, dtype=torch.int32, device=mark.device)
+    _lsh_force_kernel[(triton.cdiv(k, LSH_SELECT_BLOCK),)](
+        s, mark.view(torch.uint8), out, ctr, count, k, BLK=LSH_SELECT_BLOCK, num_warps=4)
+    return count + int(ctr[0])
