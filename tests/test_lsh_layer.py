@@ -290,6 +290,10 @@ def test_device_tiers_give_each_device_its_own_hashes(tiny_xc):
     m = trainer.m
     per_round = 3 * (f * d + d + m * (d + 1))
     assert trainer.totals["bytes_down"] == 4 * (2 * per_round + 2 * n * 4 + 2 * n * 8)
+    each = 2 * (f * d + d + m * (d + 1))
+    assert [b[0] for b in trainer.device_bytes] == [4 * (each + n * 4), 4 * (each + 2 * n * 8),
+                                                   4 * (each + n * 4)]
+    assert sum(b[1] for b in trainer.device_bytes) == trainer.totals["bytes_up"]
     for bad, msg in (("bits=0", "must be >= 1"), ("colour=3", "unknown field 'colour'"),
                      ("bits=x", "needs an integer")):
         with pytest.raises(ValueError, match=msg):

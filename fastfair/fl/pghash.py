@@ -202,6 +202,7 @@ class XCTrainer:
                             tiers[d % len(tiers)])
                 self.locals.append({"net": net, "opts": _optimizers(net, cfg.lr), "tables": None,
                                     "round": 0})
+            self.device_bytes = [[0, 0] for _ in range(cfg.devices)]  # [down, up] per device
             self.weights = torch.tensor([float(len(p)) for p in self.parts])
             self.weights /= self.weights.sum()
 
@@ -293,6 +294,8 @@ class XCTrainer:
                 w_sum.index_add_(0, active, torch.full((a,), p))
             self.totals["bytes_down"] += BYTES * down
             self.totals["bytes_up"] += BYTES * up
+            self.device_bytes[d][0] += BYTES * down
+            self.device_bytes[d][1] += BYTES * up
         with torch.no_grad():
             g.first.weight.copy_(first_acc)
             g.first_bias.copy_(fb_acc)
@@ -319,6 +322,8 @@ def train(train_data: XCData, test_data: XCData, cfg: XCConfig, on_eval=None,
             rec = {"method": cfg.method, "budget": cfg.effective_budget, "devices": cfg.devices,
                    **stats, **tr.evaluate(), "bytes_down": tr.totals["bytes_down"],
                    "bytes_up": tr.totals["bytes_up"]}
+            if cfg.devices > 1:
+                rec["bytes_by_device"] = [list(b) for b in tr.device_bytes]
             records.append(rec)
             if on_eval is not None:
                 on_eval(rec)
