@@ -32,26 +32,34 @@ from .kernels import backends
 from .kernels import reference
 
 
+def _adam_defaults(lr, betas, eps, backend) -> dict:
+    """The checked hyperparameters of an Adam variant, as its param-group defaults."""
+    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+        raise ValueError(f"lr must be a positive number, got {lr!r}")
+    if (not isinstance(betas, (tuple, list)) or len(betas) != 2
+            or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas)):
+        raise ValueError(f"betas must be two numbers in [0, 1), got {betas!r}")
+    if not (isinstance(eps, (int, float)) and eps >= 0):
+        raise ValueError(f"eps must be a number >= 0, got {eps!r}")
+    backends.check_name(backend)
+    return dict(lr=float(lr), betas=tuple(map(float, betas)), eps=float(eps), backend=backend)
+
+
+def _check_dtypes(opt) -> None:
+    for group in opt.param_groups:
+        for p in group["params"]:
+            if p.dtype not in (torch.float32, torch.float64):
+                raise TypeError(f"{type(opt).__name__} needs float32 or float64 parameters, got "
+                                f"{p.dtype}")
+
+
 class DeferredAdam(torch.optim.Optimizer):
     """Adam with deferred zero-gradient steps (see the module doc)."""
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
                  backend: str = "auto"):
-        if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
-            raise ValueError(f"lr must be a positive number, got {lr!r}")
-        if (not isinstance(betas, (tuple, list)) or len(betas) != 2
-                or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas)):
-            raise ValueError(f"betas must be two numbers in [0, 1), got {betas!r}")
-        if not (isinstance(eps, (int, float)) and eps >= 0):
-            raise ValueError(f"eps must be a number >= 0, got {eps!r}")
-        backends.check_name(backend)
-        super().__init__(params, dict(lr=float(lr), betas=tuple(map(float, betas)),
-                                      eps=float(eps), backend=backend))
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.dtype not in (torch.float32, torch.float64):
-                    raise TypeError(f"DeferredAdam needs float32 or float64 parameters, got "
-                                    f"{p.dtype}")
+        super().__init__(params, _adam_defaults(lr, betas, eps, backend))
+        _check_dtypes(self)
 
     def _state(self, p):
         state = self.state[p]
@@ -157,21 +165,8 @@ class LazyAdam(torch.optim.Optimizer):
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
                  backend: str = "auto"):
-        if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
-            raise ValueError(f"lr must be a positive number, got {lr!r}")
-        if (not isinstance(betas, (tuple, list)) or len(betas) != 2
-                or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas)):
-            raise ValueError(f"betas must be two numbers in [0, 1), got {betas!r}")
-        if not (isinstance(eps, (int, float)) and eps >= 0):
-            raise ValueError(f"eps must be a number >= 0, got {eps!r}")
-        backends.check_name(backend)
-        super().__init__(params, dict(lr=float(lr), betas=tuple(map(float, betas)),
-                                      eps=float(eps), backend=backend))
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.dtype not in (torch.float32, torch.float64):
-                    raise TypeError(f"LazyAdam needs float32 or float64 parameters, got "
-                                    f"{p.dtype}")
+        super().__init__(params, _adam_defaults(lr, betas, eps, backend))
+        _check_dtypes(self)
 
     @torch.no_grad()
     def step(self, closure=None):

@@ -20,18 +20,10 @@ from typing import Optional
 import torch
 
 from . import __version__
+from .cli import _one_line, _Parser, _UsageError
 from .fl.data import default_data_dir
 from .fl.pghash import METHODS, XCConfig, train
 from .fl.xc import load_xc_split, synthetic_xc
-
-
-class _UsageError(Exception):
-    pass
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        raise _UsageError(message)
 
 
 def _list(kind, flag: str, allowed: Optional[tuple] = None):
@@ -154,7 +146,7 @@ def main(argv: Optional[list] = None) -> int:
     except SystemExit as done:
         return done.code or 0
     except (_UsageError, ValueError, TypeError, OSError) as err:
-        print(f"fastfair: error: {' '.join(str(err).split())}", file=sys.stderr)
+        print(f"fastfair: error: {_one_line(err)}", file=sys.stderr)
         return 2
     config = {"command": ["fastfair", "xc", *argv], "settings": vars(args),
               "runs": [dataclasses.asdict(c) for c in runs], "data": train_data.summary(),

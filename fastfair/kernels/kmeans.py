@@ -40,7 +40,7 @@ import torch
 from torch import Tensor
 
 from . import backends
-from .functional import FLOAT_DTYPES, _int
+from .functional import FLOAT_DTYPES, _check_finite, _int
 
 INITS = ("k-means++", "random")
 
@@ -79,18 +79,6 @@ def _same(name: str, t: Tensor, ref_name: str, ref: Tensor, dtype: bool = True) 
         raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}")
     if dtype and t.dtype != ref.dtype:
         raise TypeError(f"{name} is {t.dtype} but {ref_name} is {ref.dtype}")
-
-
-def _check_finite(name: str, t: Tensor) -> None:
-    # min and max propagate NaN, so both are finite only if every entry is; measured 0.13 ms for
-    # 20,000 x 64 float32 on one core where torch.isfinite(t).all() took 2.9 ms.
-    if t.numel() == 0:
-        return
-    lo, hi = torch.aminmax(t)
-    if math.isfinite(float(lo)) and math.isfinite(float(hi)):
-        return
-    pos = torch.nonzero(~torch.isfinite(t))[0].tolist()
-    raise ValueError(f"{name} holds a non-finite value {t[tuple(pos)].item()} at {tuple(pos)}")
 
 
 def _check_range(name: str, t: Tensor, hi: int, what: str) -> None:

@@ -40,7 +40,7 @@ import torch
 from torch import Tensor
 
 from . import backends, hashing, reference
-from .functional import FLOAT_DTYPES, _int
+from .functional import FLOAT_DTYPES, _check_finite, _int
 
 MAX_BITS = 31
 # Buckets keep 2^bits + 1 offsets per table (int64): 8 MB per table at 20 bits.
@@ -101,17 +101,6 @@ def _signs(signs, d: int, x: Tensor) -> Optional[Tensor]:
     return signs.to(x.dtype).contiguous()
 
 
-def _finite(name: str, t: Tensor) -> None:
-    # min and max propagate NaN: one reduction instead of an isfinite pass and a mask.
-    if t.numel() == 0:
-        return
-    lo, hi = torch.aminmax(t)
-    if math.isfinite(float(lo)) and math.isfinite(float(hi)):
-        return
-    pos = torch.nonzero(~torch.isfinite(t))[0].tolist()
-    raise ValueError(f"{name} holds a non-finite value {t[tuple(pos)].item()} at {tuple(pos)}")
-
-
 def trim_key(seed: int) -> int:
     return hashing.fmix32_int(seed ^ TRIM_SALT)
 
@@ -134,7 +123,7 @@ def fold(x: Tensor, sketch_dim: int, signs: Optional[Tensor] = None, *,
     c = _int("sketch_dim", sketch_dim, 1)
     if c > x.shape[1]:
         raise ValueError(f"sketch_dim={c} exceeds in_features={x.shape[1]}")
-    _finite("x", x)
+    _check_finite("x", x)
     s = _signs(signs, x.shape[1], x)
     return _kernel("fold", backend, x.device)(x.contiguous(), c, s)
 
@@ -159,8 +148,8 @@ def pg_codes(x: Tensor, proj: Tensor, signs: Optional[Tensor] = None, *,
                          f"{x.shape[1]}]")
     if x.shape[0] > MAX_NEURONS:
         raise ValueError(f"x has {x.shape[0]} rows; at most {MAX_NEURONS} are supported")
-    _finite("x", x)
-    _finite("proj", proj)
+    _check_finite("x", x)
+    _check_finite("proj", proj)
     s = _signs(signs, x.shape[1], x)
     return _kernel("pg_codes", backend, x.device)(x.contiguous(), proj.to(x.dtype).contiguous(), s)
 
@@ -194,7 +183,7 @@ def dwta_codes(x: Tensor, rows: Tensor, bins: Tensor, bits: int, seed: int, *,
         raise ValueError(f"{nb} bins of width {w} give {nb * (w.bit_length() - 1)} bits, "
                          f"fewer than bits={k}")
     seed = _int("seed", seed, 0, hashing.MAX_SEED - 1)
-    _finite("x", x)
+    _check_finite("x", x)
     return _kernel("dwta_codes", backend, x.device)(
         x.contiguous(), rows.long().contiguous(), bins.long().contiguous(), k, dwta_key(seed),
         DWTA_PROBES)
