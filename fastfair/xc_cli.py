@@ -65,6 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
                         ("local_steps", "device steps per round"), ("seed", "seed")):
         p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name),
                        help=f"{help_} (default: %(default)s)")
+    p.add_argument("--clients-per-round", type=int, default=0,
+                   help="devices sampled per round, federated; 0 = every device (default: 0)")
+    p.add_argument("--dropout", type=float, default=0.0,
+                   help="probability that a device drops out after its download (default: 0)")
     p.add_argument("--lr", type=float, default=d.lr, help="Adam learning rate (default: %(default)s)")
     p.add_argument("--no-force-labels", action="store_true",
                    help="do not force the batch's labels into the active set (the reference code)")
@@ -107,7 +111,9 @@ def _plan(args) -> list:
                                force_labels=not args.no_force_labels, serial=args.serial,
                                lr=args.lr, batch_size=args.batch_size, epochs=args.epochs,
                                devices=devices, local_steps=args.local_steps, seed=args.seed,
-                               device_tiers=args.device_tiers)
+                               device_tiers=args.device_tiers,
+                               clients_per_round=min(args.clients_per_round, devices),
+                               dropout=args.dropout)
                 cfg.check()
                 if not 0 < budget <= 1:
                     raise ValueError(f"--budgets: {budget} is outside (0, 1]")

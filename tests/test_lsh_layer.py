@@ -357,3 +357,53 @@ def test_delicious_pg_beats_label_popularity():
     baseline = precision_at_k(popular, te.label_indptr, te.label_ids)[1]
     recs = train(tr, te, XCConfig(method="pg", budget=0.25, epochs=2, force_labels=False))
     assert recs[-1]["P@1"] > baseline + 0.1
+
+
+@pytest.mark.parametrize("devices", [1, 3])
+def test_trainer_resumes_bit_identically(tiny_xc, tmp_path, devices):
+    tr, te = tiny_xc
+    cfg = XCConfig(method="pg", budget=0.2, tables=4, bits=5, hidden=16, lr=1e-2, batch_size=32,
+                   devices=devices, clients_per_round=min(devices, 2), dropout=0.2,
+                   rehash_every=1 if devices == 1 else 3, backend="reference")
+    straight = XCTrainer(tr, te, cfg)
+    straight.run_epoch()
+    straight.run_epoch()
+    first = XCTrainer(tr, te, cfg)
+    first.run_epoch()
+    first.save(tmp_path / "ckpt.pt")
+    resumed = XCTrainer.load(tmp_path / "ckpt.pt", tr, te, cfg)
+    resumed.run_epoch()
+    for (name, a), b in zip(straight.net.state_dict().items(), resumed.net.state_dict().values()):
+        if isinstance(a, torch.Tensor):
+            assert torch.equal(a, b), name
+    assert straight.totals == resumed.totals
+
+
+def test_federated_dropout_and_rejected_updates(tiny_xc):
+    tr, te = tiny_xc
+    base = dict(method="pg", budget=0.2, tables=4, bits=5, hidden=16, batch_size=8, devices=4,
+                backend="reference")
+    gone = XCTrainer(tr, te, XCConfig(**base, clients_per_round=3, dropout=1.0))
+    before = {k: v.clone() for k, v in gone.net.state_dict().items() if torch.is_tensor(v)}
+    gone.run_round()
+    assert gone.totals["dropped"] == 3 and gone.totals["bytes_up"] == 0
+    assert all(torch.equal(before[k], v) for k, v in gone.net.state_dict().items()
+               if torch.is_tensor(v))
+
+    class Poisoned(XCTrainer):
+        def _step(self, net, opts, batch, active=None):
+            loss = super()._step(net, opts, batch, active)
+            if net is self.locals[0]["net"]:
+                with torch.no_grad():
+                    net.first_bias[0] = float("nan")
+            return loss
+
+    bad = Poisoned(tr, te, XCConfig(**base))
+    bad.run_round()
+    assert bad.totals["rejected"] == 1
+    assert all(bool(torch.isfinite(v).all()) for v in bad.net.state_dict().values()
+               if torch.is_tensor(v) and v.is_floating_point())
+    with pytest.raises(ValueError, match="clients_per_round must be an int in \\[0, devices=4\\]"):
+        XCConfig(**base, clients_per_round=5).check()
+    with pytest.raises(ValueError, match="dropout must be a probability"):
+        XCConfig(**base, dropout=1.5).check()

@@ -26,10 +26,14 @@ rehash=5"``: device ``i`` takes tier ``i mod #tiers``; unnamed fields come from 
    the device for the first layer and, lazily, for the rows it trains), and uploads the first layer
    and ``W[A], b[A]``.
 
-The server averages the first layer over the devices (weights = their numbers of points) and each
-output neuron over the devices that trained it (weights renormalised per neuron); neurons nobody
-trained keep their value. Bytes down and up are counted exactly per device (float32 values,
-int32 ids).
+A round takes ``clients_per_round`` devices (all with 0) without replacement; each drops out after
+its download with probability ``dropout``, and an update holding a NaN or Inf is rejected; both are
+counted, never averaged in. The server averages the first layer over the devices that returned
+(weights = their numbers of points, renormalised) and each output neuron over those that trained it
+(renormalised per neuron); neurons nobody trained keep their value. Bytes down and up are counted
+exactly per device (float32 values, int32 ids). ``save``/``load`` checkpoint everything later
+rounds depend on (models, optimizer states, tables, the random generator, counters), so a resumed
+run continues bit-identically; checkpoints load with ``torch.load(weights_only=True)``.
 """
 from __future__ import annotations
 
@@ -72,6 +76,8 @@ class XCConfig:
     seed: int = 0
     backend: str = "auto"
     device_tiers: str = ""
+    clients_per_round: int = 0
+    dropout: float = 0.0
 
     def check(self) -> None:
         if self.method not in METHODS:
@@ -81,6 +87,12 @@ class XCConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+        if (isinstance(self.clients_per_round, bool) or not isinstance(self.clients_per_round, int)
+                or not 0 <= self.clients_per_round <= self.devices):
+            raise ValueError(f"clients_per_round must be an int in [0, devices={self.devices}] "
+                             f"(0: every device), got {self.clients_per_round!r}")
+        if not (isinstance(self.dropout, (int, float)) and 0 <= self.dropout <= 1):
+            raise ValueError(f"dropout must be a probability in [0, 1], got {self.dropout!r}")
         if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"lr must be a positive number, got {self.lr!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not (
@@ -189,7 +201,8 @@ class XCTrainer:
         self.net = XCNet(train.num_features, train.num_labels, cfg, cfg.seed)
         self.n = train.num_labels
         self.m = self.net.out.m
-        self.totals = {"bytes_down": 0, "bytes_up": 0, "active": 0, "steps": 0}
+        self.totals = {"bytes_down": 0, "bytes_up": 0, "active": 0, "steps": 0, "dropped": 0,
+                       "rejected": 0}
         self.epoch = 0
         if cfg.devices == 1:
             self.opts = _optimizers(self.net, cfg.lr)
@@ -242,22 +255,28 @@ class XCTrainer:
 
     # ---------------------------------------------------------------- federated
     def run_round(self) -> float:
-        g = self.net
+        cfg, g = self.cfg, self.net
         first_acc = torch.zeros_like(g.first.weight)
         fb_acc = torch.zeros_like(g.first_bias)
         w_acc = torch.zeros_like(g.out.weight)
         b_acc = torch.zeros_like(g.out.bias)
         w_sum = torch.zeros(self.n)
+        p_sum = 0.0
         losses = []
         d_first = g.first.weight.numel() + g.first_bias.numel()
-        for d, (part, loc) in enumerate(zip(self.parts, self.locals)):
+        k = cfg.clients_per_round or cfg.devices
+        pick = torch.randperm(cfg.devices, generator=self.gen)[:k].tolist()
+        # Drawn even when dropout is 0, so runs that differ only in dropout sample alike.
+        drops = (torch.rand(k, generator=self.gen) < cfg.dropout).tolist()
+        for d, dropped in zip(pick, drops):
+            part, loc = self.parts[d], self.locals[d]
             net, fam = loc["net"], loc["net"].out.family
             down = d_first
             with torch.no_grad():
                 net.first.weight.copy_(g.first.weight)
                 net.first_bias.copy_(g.first_bias)
-            idx = [torch.randint(0, len(part), (min(self.cfg.batch_size, len(part)),),
-                                 generator=self.gen) for _ in range(self.cfg.local_steps)]
+            idx = [torch.randint(0, len(part), (min(cfg.batch_size, len(part)),),
+                                 generator=self.gen) for _ in range(cfg.local_steps)]
             batches = [part.batch(i) for i in idx]
             if self.m == self.n:
                 active = torch.arange(self.n)
@@ -265,7 +284,7 @@ class XCTrainer:
                 with torch.no_grad():
                     x = torch.cat([net.hidden(b) for b in batches])
                     labels = (torch.cat([b.label_ids for b in batches])
-                              if self.cfg.force_labels else None)
+                              if cfg.force_labels else None)
                     tables = None
                     if fam.kind != "random":
                         if loc["tables"] is None or loc["round"] % net.out.rehash_every == 0:
@@ -282,27 +301,80 @@ class XCTrainer:
                 net.out.bias[active] = g.out.bias[active]
             a = active.numel()
             down += a * (g.out.weight.shape[1] + 1)
-            up = a + d_first + a * (g.out.weight.shape[1] + 1)  # the ids requested, then the update
+            self._count(d, down, 0)
+            if dropped:
+                self.totals["dropped"] += 1
+                continue
             for b in batches:
                 losses.append(self._step(net, loc["opts"], b, active=active))
-            p = float(self.weights[d])
+            self._count(d, 0, a + d_first + a * (g.out.weight.shape[1] + 1))  # ids, then update
             with torch.no_grad():
+                rows, brows = net.out.weight[active], net.out.bias[active]
+                if not all(bool(torch.isfinite(t).all())
+                           for t in (net.first.weight, net.first_bias, rows, brows)):
+                    self.totals["rejected"] += 1
+                    continue
+                p = float(self.weights[d])
+                p_sum += p
                 first_acc.add_(net.first.weight, alpha=p)
                 fb_acc.add_(net.first_bias, alpha=p)
-                w_acc.index_add_(0, active, net.out.weight[active], alpha=p)
-                b_acc.index_add_(0, active, net.out.bias[active], alpha=p)
+                w_acc.index_add_(0, active, rows, alpha=p)
+                b_acc.index_add_(0, active, brows, alpha=p)
                 w_sum.index_add_(0, active, torch.full((a,), p))
-            self.totals["bytes_down"] += BYTES * down
-            self.totals["bytes_up"] += BYTES * up
-            self.device_bytes[d][0] += BYTES * down
-            self.device_bytes[d][1] += BYTES * up
-        with torch.no_grad():
-            g.first.weight.copy_(first_acc)
-            g.first_bias.copy_(fb_acc)
-            hit = torch.nonzero(w_sum > 0).view(-1)
-            g.out.weight[hit] = w_acc[hit] / w_sum[hit, None]
-            g.out.bias[hit] = b_acc[hit] / w_sum[hit]
-        return sum(losses) / max(len(losses), 1)
+        if p_sum > 0:
+            with torch.no_grad():
+                g.first.weight.copy_(first_acc / p_sum)
+                g.first_bias.copy_(fb_acc / p_sum)
+                hit = torch.nonzero(w_sum > 0).view(-1)
+                g.out.weight[hit] = w_acc[hit] / w_sum[hit, None]
+                g.out.bias[hit] = b_acc[hit] / w_sum[hit]
+        return sum(losses) / len(losses) if losses else math.nan
+
+    def _count(self, device: int, down: int, up: int) -> None:
+        self.totals["bytes_down"] += BYTES * down
+        self.totals["bytes_up"] += BYTES * up
+        self.device_bytes[device][0] += BYTES * down
+        self.device_bytes[device][1] += BYTES * up
+
+    # ---------------------------------------------------------------- checkpoints
+    def state_dict(self) -> dict:
+        state = {"net": self.net.state_dict(), "gen": self.gen.get_state(),
+                 "totals": dict(self.totals), "epoch": self.epoch}
+        if self.cfg.devices == 1:
+            state["opts"] = [o.state_dict() for o in self.opts]
+        else:
+            state["device_bytes"] = [list(b) for b in self.device_bytes]
+            state["locals"] = [{"net": loc["net"].state_dict(),
+                                "opts": [o.state_dict() for o in loc["opts"]],
+                                "tables": list(loc["tables"]) if loc["tables"] else None,
+                                "round": loc["round"]} for loc in self.locals]
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        self.net.load_state_dict(state["net"])
+        self.gen.set_state(state["gen"])
+        self.totals, self.epoch = dict(state["totals"]), int(state["epoch"])
+        if self.cfg.devices == 1:
+            for o, s in zip(self.opts, state["opts"]):
+                o.load_state_dict(s)
+            return
+        self.device_bytes = [list(b) for b in state["device_bytes"]]
+        for loc, s in zip(self.locals, state["locals"]):
+            loc["net"].load_state_dict(s["net"])
+            for o, os_ in zip(loc["opts"], s["opts"]):
+                o.load_state_dict(os_)
+            loc["tables"] = tuple(s["tables"]) if s["tables"] is not None else None
+            loc["round"] = int(s["round"])
+
+    def save(self, path) -> None:
+        torch.save(self.state_dict(), path)
+
+    @classmethod
+    def load(cls, path, train: XCData, test: XCData, cfg: XCConfig) -> "XCTrainer":
+        """The trainer saved at ``path`` (with the same data and config)."""
+        trainer = cls(train, test, cfg)
+        trainer.load_state_dict(torch.load(path, weights_only=True))
+        return trainer
 
     def evaluate(self) -> dict:
         return evaluate(self.net, self.test)
@@ -324,6 +396,7 @@ def train(train_data: XCData, test_data: XCData, cfg: XCConfig, on_eval=None,
                    "bytes_up": tr.totals["bytes_up"]}
             if cfg.devices > 1:
                 rec["bytes_by_device"] = [list(b) for b in tr.device_bytes]
+                rec["dropped"], rec["rejected"] = tr.totals["dropped"], tr.totals["rejected"]
             records.append(rec)
             if on_eval is not None:
                 on_eval(rec)
