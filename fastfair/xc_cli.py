@@ -3,7 +3,8 @@
 Runs every method x budget x device count on one dataset with the same seed and writes to
 ``--out``: ``config.json`` (settings, command, versions, data summary), ``results.jsonl`` (one
 record per evaluation), ``models/<method>__budget<b>__devices<n>.pt`` (each trained model's
-``state_dict``) and ``summary.md`` (best and final P@1/3/5, mean active neurons, MB moved,
+``state_dict``), ``checkpoints/`` (each run's trainer after every epoch, for ``--resume``) and
+``summary.md`` (best and final P@1/3/5, mean active neurons, MB moved,
 seconds per epoch), printed at the end. Every bad argument ends with one line
 ``fastfair: error: ...`` and status 2.
 """
@@ -82,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--points", type=int, default=50_000, help="synthetic: training points")
     p.add_argument("--features", type=int, default=20_000, help="synthetic: features")
     p.add_argument("--out", default=None, help="output folder (default: runs/xc-<data>)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the runs in --out from their checkpoints (bit-identically); "
+                        "--epochs may be raised")
     p.add_argument("--quiet", action="store_true", help="print only the summary")
     return p
 
@@ -141,6 +145,24 @@ def summary_table(records: list) -> str:
     return "\n".join(lines)
 
 
+def _check_resume(out: Path, config: dict) -> list:
+    """The records already in ``out``, after checking that its runs are these (up to epochs)."""
+    saved = out / "config.json"
+    if not saved.exists():
+        raise ValueError(f"--resume: {out} holds no run to continue (no config.json)")
+    old = json.loads(saved.read_text())["runs"]
+
+    def key(runs):
+        return [{k: v for k, v in r.items() if k != "epochs"} for r in runs]
+
+    if key(old) != key(config["runs"]):
+        raise ValueError(f"--resume: the runs in {out} differ from this command's (only --epochs "
+                         f"may change)")
+    results = out / "results.jsonl"
+    return ([json.loads(line) for line in results.read_text().splitlines() if line.strip()]
+            if results.exists() else [])
+
+
 def main(argv: Optional[list] = None) -> int:
     argv = sys.argv[2:] if argv is None else [str(a) for a in argv]
     try:
@@ -158,10 +180,18 @@ def main(argv: Optional[list] = None) -> int:
               "runs": [dataclasses.asdict(c) for c in runs], "data": train_data.summary(),
               "versions": {"fastfair": __version__, "torch": torch.__version__,
                            "python": platform.python_version()}}
-    (out / "config.json").write_text(json.dumps(config, indent=1))
     results = out / "results.jsonl"
-    results.write_text("")
-    records = []
+    try:
+        records = _check_resume(out, config) if args.resume else []
+        if not args.resume and results.exists() and results.stat().st_size:
+            raise ValueError(f"{out} already holds a run: pass --resume to continue it, or "
+                             f"choose another --out")
+    except ValueError as err:
+        print(f"fastfair: error: {_one_line(err)}", file=sys.stderr)
+        return 2
+    (out / "config.json").write_text(json.dumps(config, indent=1))
+    if not args.resume:
+        results.write_text("")
 
     def log(rec):
         records.append(rec)
@@ -174,11 +204,12 @@ def main(argv: Optional[list] = None) -> int:
 
     if not args.quiet:
         print(train_data.summary())
-    models = out / "models"
-    models.mkdir(exist_ok=True)
+    for folder in ("models", "checkpoints"):
+        (out / folder).mkdir(exist_ok=True)
     for cfg in runs:
         name = f"{cfg.method}__budget{cfg.effective_budget:g}__devices{cfg.devices}.pt"
-        train(train_data, test_data, cfg, on_eval=log, save=models / name)
+        train(train_data, test_data, cfg, on_eval=log, save=out / "models" / name,
+              checkpoint=out / "checkpoints" / name)
     table = summary_table(records)
     (out / "summary.md").write_text(f"# fastfair xc on {train_data.name}\n\n{table}\n")
     print(table)

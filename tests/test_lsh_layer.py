@@ -407,3 +407,22 @@ def test_federated_dropout_and_rejected_updates(tiny_xc):
         XCConfig(**base, clients_per_round=5).check()
     with pytest.raises(ValueError, match="dropout must be a probability"):
         XCConfig(**base, dropout=1.5).check()
+
+
+def test_cli_xc_resume_continues_bit_identically(tmp_path):
+    common = ["xc", "--data", "synthetic", "--points", "300", "--labels", "100", "--features",
+              "80", "--methods", "pg", "--budgets", "0.5", "--devices", "1,2", "--hidden", "8",
+              "--tables", "4", "--bits", "4", "--batch-size", "32", "--quiet"]
+    assert cli_main(common + ["--epochs", "2", "--out", str(tmp_path / "a")]) == 0
+    assert cli_main(common + ["--epochs", "1", "--out", str(tmp_path / "b")]) == 0
+    assert cli_main(common + ["--epochs", "1", "--out", str(tmp_path / "b")]) == 2  # no --resume
+    assert cli_main(common + ["--epochs", "2", "--out", str(tmp_path / "b"), "--resume"]) == 0
+
+    def records(run):
+        recs = [json.loads(line) for line in (tmp_path / run / "results.jsonl").read_text()
+                .splitlines()]
+        return sorted((r["devices"], r["epoch"], r["P@1"], r["loss"], r["bytes_up"]) for r in recs)
+
+    assert records("a") == records("b")
+    assert cli_main(common[:-1] + ["--bits", "5", "--epochs", "3", "--out", str(tmp_path / "b"),
+                                   "--resume"]) == 2

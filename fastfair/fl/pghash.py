@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import time
 from typing import Optional
 
@@ -381,14 +382,18 @@ class XCTrainer:
 
 
 def train(train_data: XCData, test_data: XCData, cfg: XCConfig, on_eval=None,
-          eval_every: int = 1, save=None) -> list:
-    """Train ``cfg.epochs`` epochs, evaluating every ``eval_every`` and after the last; returns
-    the evaluation records. ``save``: a path where the trained global model's ``state_dict``
-    is written (it loads back with ``torch.load(weights_only=True)`` into an ``XCNet`` built
-    with the same config)."""
-    tr = XCTrainer(train_data, test_data, cfg)
+          eval_every: int = 1, save=None, checkpoint=None) -> list:
+    """Train up to ``cfg.epochs`` epochs, evaluating every ``eval_every`` and after the last;
+    returns the evaluation records. ``save``: a path where the trained global model's
+    ``state_dict`` is written (it loads back with ``torch.load(weights_only=True)`` into an
+    ``XCNet`` built with the same config). ``checkpoint``: a path where the whole trainer is saved
+    after every epoch; if it exists, training continues from it (bit-identically)."""
+    if checkpoint is not None and os.path.exists(checkpoint):
+        tr = XCTrainer.load(checkpoint, train_data, test_data, cfg)
+    else:
+        tr = XCTrainer(train_data, test_data, cfg)
     records = []
-    for e in range(1, cfg.epochs + 1):
+    for e in range(tr.epoch + 1, cfg.epochs + 1):
         stats = tr.run_epoch()
         if e % eval_every == 0 or e == cfg.epochs:
             rec = {"method": cfg.method, "budget": cfg.effective_budget, "devices": cfg.devices,
@@ -400,6 +405,8 @@ def train(train_data: XCData, test_data: XCData, cfg: XCConfig, on_eval=None,
             records.append(rec)
             if on_eval is not None:
                 on_eval(rec)
+        if checkpoint is not None:
+            tr.save(checkpoint)
     if save is not None:
         torch.save(tr.net.state_dict(), save)
     return records
