@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from fastfair.kernels import backends, kmeans as km
-from testing import DTYPES, TOL, assert_close_to_fp64, backend_params, rand
+import testing
+from testing import DTYPES, TOL, assert_close_to_fp64, rand
 
 numba_backend = backends.load("numba")
 needs_numba = pytest.mark.skipif(
@@ -17,16 +18,8 @@ needs_numba = pytest.mark.skipif(
 
 
 def op_params(op):
-    """``backend_params()`` for backends that have ``kmeans_<op>``, the others skipped."""
-    out = []
-    for p in backend_params():
-        name, dev = p.values
-        marks = list(p.marks)
-        mod = backends.load(name)
-        if not marks and not hasattr(mod, f"kmeans_{op}"):
-            marks = [pytest.mark.skip(reason=f"the {name} backend has no {op} kernel")]
-        out.append(pytest.param(name, dev, marks=marks, id=p.id))
-    return out
+    """``testing.op_params`` for the backends that have ``kmeans_<op>``."""
+    return testing.op_params(f"kmeans_{op}")
 
 
 def small(backend, shapes):

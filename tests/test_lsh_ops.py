@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from fastfair.kernels import backends, hashing, lsh, reference
-from testing import DTYPES, TOL, assert_close_to_fp64, backend_params, rand
+import testing
+from testing import DTYPES, TOL, assert_close_to_fp64, rand
 
 CPU = torch.device("cpu")
 NUMBA_WHY = backends.why_not("numba", CPU)
@@ -20,17 +21,8 @@ TRITON_ROWS = 64
 
 
 def op_params(*ops):
-    """``backend_params()`` for the backends that have ``lsh_<op>`` for every op, the others
-    skipped."""
-    out = []
-    for p in backend_params():
-        name, dev = p.values
-        marks = list(p.marks)
-        missing = [op for op in ops if not hasattr(backends.load(name), f"lsh_{op}")]
-        if not marks and missing:
-            marks = [pytest.mark.skip(reason=f"the {name} backend has no lsh_{missing[0]} kernel")]
-        out.append(pytest.param(name, dev, marks=marks, id=p.id))
-    return out
+    """``testing.op_params`` for the backends that have ``lsh_<op>`` for every op."""
+    return testing.op_params(*(f"lsh_{op}" for op in ops))
 
 
 def sizes(backend, ns):

@@ -43,6 +43,20 @@ def backend_params(include_reference: bool = True):
     return out
 
 
+def op_params(*fns: str):
+    """``backend_params()`` for the backends that have every function ``fns`` (e.g.
+    ``"lsh_fold"``), the others skipped with the first missing one named."""
+    out = []
+    for p in backend_params():
+        name, dev = p.values
+        marks = list(p.marks)
+        missing = [fn for fn in fns if not hasattr(backends.load(name), fn)]
+        if not marks and missing:
+            marks = [pytest.mark.skip(reason=f"the {name} backend has no {missing[0]} kernel")]
+        out.append(pytest.param(name, dev, marks=marks, id=p.id))
+    return out
+
+
 def make_bags(num_embeddings: int, lengths, gen: torch.Generator, index_dtype=torch.int64,
               device="cpu"):
     """Random indices and torch-style offsets (bag starts) for bags of the given lengths."""
