@@ -39,15 +39,17 @@ _BLOCK_ELEMENTS = 1 << 22
 # Argument checks
 # ----------------------------------------------------------------------------------------------
 
-def _check_int(name, value, minimum=None):
+def _check_int(name, value, minimum=None, maximum=None):
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
     if minimum is not None and value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    if maximum is not None and value > maximum:
+        raise ValueError(f"{name} must be <= {maximum}, got {value}")
     return int(value)
 
 
-def _check_float(name, value, minimum=None):
+def _check_float(name, value, minimum=None, maximum=None):
     if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
         raise TypeError(f"{name} must be a number, got {value!r} ({type(value).__name__})")
     value = float(value)
@@ -55,6 +57,8 @@ def _check_float(name, value, minimum=None):
         raise ValueError(f"{name} must be finite, got {value}")
     if minimum is not None and value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    if maximum is not None and value > maximum:
+        raise ValueError(f"{name} must be <= {maximum}, got {value}")
     return value
 
 

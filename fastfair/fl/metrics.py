@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 from typing import Callable, Dict, Optional, Sequence, Tuple, Union
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -39,14 +40,16 @@ SAMPLED_BATCH_SIZE = 4096
 
 
 def _check_int(name: str, value, lo: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
     if value < lo:
         raise ValueError(f"{name} must be >= {lo}, got {value}")
-    return value
+    return int(value)
 
 
-def _check_ks(ks: Union[int, Sequence[int]]) -> Tuple[int, ...]:
+def _check_ks(ks: Union[int, Sequence[int]], letter: str = "K") -> Tuple[int, ...]:
+    """The distinct cut-offs of ``ks``, ascending; ``letter`` names them in errors (these
+    metrics write HR@K, ``fastfair.fl.xc`` writes P@k)."""
     if isinstance(ks, int) and not isinstance(ks, bool):
         ks = (ks,)
     try:
@@ -54,9 +57,9 @@ def _check_ks(ks: Union[int, Sequence[int]]) -> Tuple[int, ...]:
     except TypeError:
         raise TypeError(f"ks must be an int or a sequence of ints, got {ks!r}") from None
     if not ks:
-        raise ValueError("ks must name at least one cut-off K, got an empty sequence")
+        raise ValueError(f"ks must name at least one cut-off {letter}, got an empty sequence")
     for k in ks:
-        _check_int("every K in ks", k, 1)
+        _check_int(f"every {letter} in ks", k, 1)
     return tuple(sorted(set(ks)))
 
 

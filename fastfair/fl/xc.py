@@ -26,14 +26,15 @@ where a point with ``Y_i`` empty counts as 0 and stays in ``N`` (the XC reposito
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Dict, NamedTuple, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 from torch import Tensor
+
+from .data import _check_float, _check_int, _check_path
+from .metrics import _check_ks
 
 __all__ = ["XCBatch", "XCData", "load_xc", "load_xc_split", "precision_at_k", "synthetic_xc"]
 
@@ -68,40 +69,10 @@ _LAYOUT = "'l1,l2,... f1:v1 f2:v2 ...'"
 # Argument checks
 # ----------------------------------------------------------------------------------------------
 
-def _check_int(name, value, minimum=None, maximum=None):
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
-    if minimum is not None and value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    if maximum is not None and value > maximum:
-        raise ValueError(f"{name} must be <= {maximum}, got {value}")
-    return int(value)
-
-
-def _check_float(name, value, minimum=None, maximum=None):
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise TypeError(f"{name} must be a number, got {value!r} ({type(value).__name__})")
-    value = float(value)
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value}")
-    if minimum is not None and value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    if maximum is not None and value > maximum:
-        raise ValueError(f"{name} must be <= {maximum}, got {value}")
-    return value
-
-
 def _check_bool(name, value):
     if not isinstance(value, bool):
         raise TypeError(f"{name} must be a bool, got {value!r} ({type(value).__name__})")
     return value
-
-
-def _check_path(name, value):
-    if not isinstance(value, (str, os.PathLike)):
-        raise TypeError(f"{name} must be a path (str or os.PathLike), got {value!r} "
-                        f"({type(value).__name__})")
-    return Path(value)
 
 
 def _check_index_tensor(name, value, dim):
@@ -673,20 +644,6 @@ def synthetic_xc(num_points: int = 10_000, num_features: int = 5_000, num_labels
 # Metrics
 # ----------------------------------------------------------------------------------------------
 
-def _check_ks(ks):
-    if isinstance(ks, int) and not isinstance(ks, bool):
-        ks = (ks,)
-    try:
-        ks = tuple(ks)
-    except TypeError:
-        raise TypeError(f"ks must be an int or a sequence of ints, got {ks!r}") from None
-    if not ks:
-        raise ValueError("ks must name at least one cut-off k, got an empty sequence")
-    for k in ks:
-        _check_int("every k in ks", k, 1)
-    return tuple(sorted(set(ks)))
-
-
 def precision_at_k(topk: Tensor, label_offsets: Tensor, label_ids: Tensor,
                    ks: Union[int, Sequence[int]] = (1, 3, 5)) -> Dict[int, float]:
     """``{k: P@k}`` for each ``k`` in ``ks``: the mean over the ``B`` rows of ``topk`` (label
@@ -702,7 +659,7 @@ def precision_at_k(topk: Tensor, label_offsets: Tensor, label_ids: Tensor,
     Vectorised: each prediction is looked up as the key ``row * M + label`` in the sorted keys of
     the true labels (``M`` is above every id).
     """
-    ks = _check_ks(ks)
+    ks = _check_ks(ks, letter="k")
     topk = _check_index_tensor("topk", topk, 2)
     label_offsets = _check_index_tensor("label_offsets", label_offsets, 1)
     label_ids = _check_index_tensor("label_ids", label_ids, 1)
