@@ -32,44 +32,76 @@ from .kernels import backends
 from .kernels import reference
 
 
-def _adam_defaults(lr, betas, eps, backend) -> dict:
-    """The checked hyperparameters of an Adam variant, as its param-group defaults."""
-    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
-        raise ValueError(f"lr must be a positive number, got {lr!r}")
-    if (not isinstance(betas, (tuple, list)) or len(betas) != 2
-            or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas)):
-        raise ValueError(f"betas must be two numbers in [0, 1), got {betas!r}")
-    if not (isinstance(eps, (int, float)) and eps >= 0):
-        raise ValueError(f"eps must be a number >= 0, got {eps!r}")
-    backends.check_name(backend)
-    return dict(lr=float(lr), betas=tuple(map(float, betas)), eps=float(eps), backend=backend)
-
-
-def _check_dtypes(opt) -> None:
-    for group in opt.param_groups:
-        for p in group["params"]:
-            if p.dtype not in (torch.float32, torch.float64):
-                raise TypeError(f"{type(opt).__name__} needs float32 or float64 parameters, got "
-                                f"{p.dtype}")
-
-
-class DeferredAdam(torch.optim.Optimizer):
-    """Adam with deferred zero-gradient steps (see the module doc)."""
+class _RowAdam(torch.optim.Optimizer):
+    """What the Adam variants below share: checked hyperparameters, float parameters seen as
+    ``[rows, w]``, each parameter's gradient as (rows, their values), and the step loop, which
+    hands every parameter with a gradient to ``_update(group, p)``."""
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
                  backend: str = "auto"):
-        super().__init__(params, _adam_defaults(lr, betas, eps, backend))
-        _check_dtypes(self)
+        if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+            raise ValueError(f"lr must be a positive number, got {lr!r}")
+        if (not isinstance(betas, (tuple, list)) or len(betas) != 2
+                or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas)):
+            raise ValueError(f"betas must be two numbers in [0, 1), got {betas!r}")
+        if not (isinstance(eps, (int, float)) and eps >= 0):
+            raise ValueError(f"eps must be a number >= 0, got {eps!r}")
+        backends.check_name(backend)
+        super().__init__(params, dict(lr=float(lr), betas=tuple(map(float, betas)),
+                                      eps=float(eps), backend=backend))
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.dtype not in (torch.float32, torch.float64):
+                    raise TypeError(f"{type(self).__name__} needs float32 or float64 "
+                                    f"parameters, got {p.dtype}")
 
-    def _state(self, p):
+    @staticmethod
+    def _rows(t):
+        return t.reshape(t.shape[0] if t.dim() else 1, -1)
+
+    def _moments(self, p) -> dict:
+        """``p``'s state, with zero moments on first use."""
         state = self.state[p]
         if not state:
-            rows = p.shape[0] if p.dim() else 1
             state["step"] = 0
             state["exp_avg"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
             state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+        return state
+
+    def _sparse_rows(self, group, p):
+        """The distinct rows of ``p``'s sparse gradient and their summed values ``[rows, w]``."""
+        grad = p.grad.coalesce()
+        values = grad.values()
+        return grad.indices()[0], values.reshape(values.shape[0], -1)
+
+    def _grad_rows(self, group, p):
+        """The rows of ``p.grad`` and their values ``[rows, w]`` (every row of a dense one)."""
+        if p.grad.is_sparse:
+            return self._sparse_rows(group, p)
+        return torch.arange(self._rows(p).shape[0], device=p.device), self._rows(p.grad)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    self._update(group, p)
+        return loss
+
+
+class DeferredAdam(_RowAdam):
+    """Adam with deferred zero-gradient steps (see the module doc)."""
+
+    def _state(self, p):
+        state = self._moments(p)
+        if "last" not in state:
             # int32: 4 bytes per row on top of Adam's 8 (a hashed array's row is one entry)
-            state["last"] = torch.zeros(rows, dtype=torch.int32, device=p.device)
+            state["last"] = torch.zeros(self._rows(p).shape[0], dtype=torch.int32,
+                                        device=p.device)
         return state
 
     @staticmethod
@@ -95,48 +127,27 @@ class DeferredAdam(torch.optim.Optimizer):
             if "last" in state:
                 state["last"] = state["last"].to(torch.int32)
 
-    @staticmethod
-    def _sparse_rows(grad, state, mod):
-        """Unique rows of a sparse gradient and their summed values [rows, w]."""
-        if not grad.is_coalesced() and hasattr(mod, "coalesce_rows"):
-            values = grad._values()
-            values = values.reshape(values.shape[0], -1).contiguous()
-            return mod.coalesce_rows(grad._indices()[0].contiguous(), values, state["last"])
-        grad = grad.coalesce()
-        values = grad.values()
-        return grad.indices()[0], values.reshape(values.shape[0], -1)
+    def _sparse_rows(self, group, p):
+        # The backend's one-pass dedupe (no sort; "last" serves as marks) where it has one.
+        coalesce = getattr(self._backend(group, p.device)[0], "coalesce_rows", None)
+        if coalesce is None or p.grad.is_coalesced():
+            return super()._sparse_rows(group, p)
+        values = p.grad._values()
+        return coalesce(p.grad._indices()[0].contiguous(),
+                        values.reshape(values.shape[0], -1).contiguous(), self._state(p)["last"])
 
-    @staticmethod
-    def _rows(t):
-        return t.reshape(t.shape[0] if t.dim() else 1, -1)
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            b1, b2 = group["betas"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self._state(p)
-                t = state["step"]
-                grad = p.grad
-                mod, kernel = self._backend(group, p.device)
-                if grad.is_sparse:
-                    rows, values = self._sparse_rows(grad, state, mod)
-                else:
-                    rows = torch.arange(self._rows(p).shape[0], device=p.device)
-                    values = self._rows(grad)
-                step_size, inv = self._constants(group, t + 1, p.device)
-                kernel(
-                    self._rows(p.data), self._rows(state["exp_avg"]),
-                    self._rows(state["exp_avg_sq"]), state["last"], rows,
-                    values.to(p.dtype).contiguous(), t, step_size, inv, b1, b2, group["eps"])
-                state["step"] = t + 1
-        return loss
+    def _update(self, group, p) -> None:
+        b1, b2 = group["betas"]
+        state = self._state(p)
+        t = state["step"]
+        kernel = self._backend(group, p.device)[1]
+        rows, values = self._grad_rows(group, p)
+        step_size, inv = self._constants(group, t + 1, p.device)
+        kernel(
+            self._rows(p.data), self._rows(state["exp_avg"]),
+            self._rows(state["exp_avg_sq"]), state["last"], rows,
+            values.to(p.dtype).contiguous(), t, step_size, inv, b1, b2, group["eps"])
+        state["step"] = t + 1
 
     @torch.no_grad()
     def flush(self) -> None:
@@ -159,48 +170,21 @@ class DeferredAdam(torch.optim.Optimizer):
                     b1, b2, group["eps"])
 
 
-class LazyAdam(torch.optim.Optimizer):
+class LazyAdam(_RowAdam):
     """``torch.optim.SparseAdam``'s update (see the module doc), fused; also takes dense
     gradients (every row moves, as in SparseAdam given a gradient with every row)."""
 
-    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
-                 backend: str = "auto"):
-        super().__init__(params, _adam_defaults(lr, betas, eps, backend))
-        _check_dtypes(self)
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            b1, b2 = group["betas"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                grad = p.grad
-                rows2d = DeferredAdam._rows
-                if grad.is_sparse:
-                    grad = grad.coalesce()
-                    rows, values = grad.indices()[0], grad.values()
-                    values = values.reshape(values.shape[0], -1)
-                else:
-                    rows = torch.arange(rows2d(p).shape[0], device=p.device)
-                    values = rows2d(grad)
-                if rows.numel() == 0:
-                    continue
-                state = self.state[p]
-                if not state:
-                    state["step"] = 0
-                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
-                    state["exp_avg_sq"] = torch.zeros_like(
-                        p, memory_format=torch.contiguous_format)
-                state["step"] += 1
-                t = state["step"]
-                step_size = group["lr"] * math.sqrt(1 - b2 ** t) / (1 - b1 ** t)
-                mod = backends.resolve(group["backend"], p.device)
-                kernel = getattr(mod, "lazy_adam", reference.lazy_adam)
-                kernel(rows2d(p.data), rows2d(state["exp_avg"]), rows2d(state["exp_avg_sq"]),
-                       rows, values.to(p.dtype).contiguous(), step_size, b1, b2, group["eps"])
-        return loss
+    def _update(self, group, p) -> None:
+        b1, b2 = group["betas"]
+        rows, values = self._grad_rows(group, p)
+        if rows.numel() == 0:
+            return
+        state = self._moments(p)
+        state["step"] += 1
+        t = state["step"]
+        step_size = group["lr"] * math.sqrt(1 - b2 ** t) / (1 - b1 ** t)
+        mod = backends.resolve(group["backend"], p.device)
+        kernel = getattr(mod, "lazy_adam", reference.lazy_adam)
+        kernel(self._rows(p.data), self._rows(state["exp_avg"]),
+               self._rows(state["exp_avg_sq"]), rows, values.to(p.dtype).contiguous(),
+               step_size, b1, b2, group["eps"])
