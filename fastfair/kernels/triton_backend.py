@@ -1138,6 +1138,15 @@ def _lsh_any_bin(todo):
     return tl.max(tl.max(todo.to(tl.int32), axis=1), axis=0)
 
 
+@triton.jit
+def _lsh_borrow(x_ptr, xoff, cols_ptr, src, gvalid, todo, val, W: tl.constexpr):
+    """Bins still ``todo`` take the value of bins ``src`` where those are not empty; returns the
+    new ``(val, todo)``."""
+    sval, sempty = _lsh_wta(x_ptr, xoff, cols_ptr, src, gvalid, todo, W)
+    take = todo & ~sempty
+    return tl.where(take, sval, val), todo & ~take
+
+
 @triton.jit(do_not_specialize=("key", "nb", "probes"))
 def _lsh_dwta_kernel(x_ptr, cols_ptr, codes_ptr, n, d, L, nb, key, probes, bits, keep,
                      BR: tl.constexpr, TBL: tl.constexpr, NBP: tl.constexpr, W: tl.constexpr,
@@ -1171,10 +1180,7 @@ def _lsh_dwta_kernel(x_ptr, cols_ptr, codes_ptr, n, d, L, nb, key, probes, bits,
         go = _lsh_any_bin(todo) * (probes > 0).to(tl.int32)
         while go > 0:
             src = (_fmix32(hb + a.to(tl.uint32) * _GOLDEN) % unb).to(tl.int32)
-            sval, sempty = _lsh_wta(x_ptr, xoff, cols_ptr, base + src, gvalid, todo, W)
-            take = todo & ~sempty
-            val = tl.where(take, sval, val)
-            todo = todo & ~take
+            val, todo = _lsh_borrow(x_ptr, xoff, cols_ptr, base + src, gvalid, todo, val, W)
             a += 1
             go = _lsh_any_bin(todo) * (a < probes).to(tl.int32)
         # Then the first non-empty bin after b in the table, cyclically (one exists: not dead).
@@ -1183,10 +1189,7 @@ def _lsh_dwta_kernel(x_ptr, cols_ptr, codes_ptr, n, d, L, nb, key, probes, bits,
         while go > 0:
             src = bq + s
             src = tl.where(src >= nb, src - nb, src)
-            sval, sempty = _lsh_wta(x_ptr, xoff, cols_ptr, base + src, gvalid, todo, W)
-            take = todo & ~sempty
-            val = tl.where(take, sval, val)
-            todo = todo & ~take
+            val, todo = _lsh_borrow(x_ptr, xoff, cols_ptr, base + src, gvalid, todo, val, W)
             s += 1
             go = _lsh_any_bin(todo) * (s < nb).to(tl.int32)
         # Bins of dead tables keep argmax = 0 (all their values are 0), the reference's 0.
