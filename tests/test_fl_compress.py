@@ -303,8 +303,8 @@ def test_item_mean_moves_each_row_by_its_mean_change_over_the_clients_that_chang
                                           compressor="actions", actions="8"))
     before = {name: t.clone() for name, t in runner.tables.items()}
     seen = []
-    real = runner._aggregate
-    runner._aggregate = lambda uploads: (seen.append(uploads), real(uploads))
+    real = runner.aggregate_uploads
+    runner.aggregate_uploads = lambda uploads: (seen.append(uploads), real(uploads))
     runner.run_round()
     for name, table in before.items():
         changes = torch.stack([u[f"item_{name}.weight"].dense() - table

@@ -71,7 +71,7 @@ def test_aggregation_equals_the_naive_weighted_sum_of_uploads(data, method, tier
         acc[:, held] /= mass[held]
         acc[:, ~held] = runner.tables[name][:, ~held].double()
         expect[name] = acc.float()
-    runner._aggregate(uploads)
+    runner.aggregate_uploads(uploads)
     for name in runner.tables:
         torch.testing.assert_close(runner.tables[name], expect[name], rtol=1e-5, atol=1e-6)
 
@@ -105,8 +105,8 @@ def test_delta_aggregation_adds_the_naive_weighted_sum_of_changes(data, method, 
         change[:, ~held] = 0
         expect[name] = (before[name].double() + change).float()
     model_rule = FederatedRunner(data, _cfg(method=method, tiers=tiers))
-    model_rule._aggregate(uploads)
-    runner._aggregate(uploads)
+    model_rule.aggregate_uploads(uploads)
+    runner.aggregate_uploads(uploads)
     for name in runner.tables:
         torch.testing.assert_close(runner.tables[name], expect[name], rtol=1e-5, atol=1e-6)
         # Lossy views lose the part of the table they cannot represent under the reference rule.
@@ -122,7 +122,7 @@ def test_heterofl_keeps_columns_nobody_held(data):
     before = runner.tables["gmf"].clone()
     model = runner.download(client, view)
     runner.local_train(client, model, torch.Generator().manual_seed(0))
-    runner._aggregate([(runner.upload(client, model, view), view, 3.0)])
+    runner.aggregate_uploads([(runner.upload(client, model, view), view, 3.0)])
     assert torch.equal(runner.tables["gmf"][:, 4:], before[:, 4:])
     assert torch.equal(runner.tables["gmf"][:, :4], model.item_gmf.weight.detach())
 
@@ -328,8 +328,8 @@ def test_dropout_counts_and_renormalises(data):
     runner = FederatedRunner(data, _cfg(method="fair", tiers="2:0-1", dropout=0.5,
                                         clients_per_round=20))
     seen = []
-    original = runner._aggregate
-    runner._aggregate = lambda uploads: (seen.append(len(uploads)), original(uploads))
+    original = runner.aggregate_uploads
+    runner.aggregate_uploads = lambda uploads: (seen.append(len(uploads)), original(uploads))
     stats = [runner.run_round() for _ in range(3)]
     dropped = sum(s["dropped"] for s in stats)
     assert 0 < dropped < 60 and runner.totals["dropped"] == dropped

@@ -426,3 +426,59 @@ def test_cli_xc_resume_continues_bit_identically(tmp_path):
     assert records("a") == records("b")
     assert cli_main(common[:-1] + ["--bits", "5", "--epochs", "3", "--out", str(tmp_path / "b"),
                                    "--resume"]) == 2
+
+
+def test_federated_xc_runs_the_fair_round(tiny_xc):
+    """The XC trainer's round is RoundRunner's (FederatedRunner's): same statistics, per-tier
+    and per-device bytes, update checks with reasons."""
+    from fastfair.fl.rounds import RoundRunner
+    from fastfair.fl.runner import FederatedRunner
+    assert issubclass(XCTrainer, RoundRunner) and issubclass(FederatedRunner, RoundRunner)
+    tr, te = tiny_xc
+    cfg = XCConfig(method="pg", budget=0.2, tables=4, bits=5, hidden=16, batch_size=8,
+                   devices=4, device_tiers="bits=5;bits=4,sketch=4", backend="reference")
+
+    class WrongShape(XCTrainer):
+        def upload(self, device, model, view):
+            update = super().upload(device, model, view)
+            if device == 2:
+                update["out.bias"] = update["out.bias"][1:]
+            return update
+
+    trainer = WrongShape(tr, te, cfg)
+    seen = []
+    real = trainer.aggregate_uploads
+    trainer.aggregate_uploads = lambda uploads: (seen.append(uploads), real(uploads))
+    stats = trainer.run_round()
+    # The rejected update is not averaged in: three uploads reach the aggregation.
+    assert len(seen) == 1 and len(seen[0]) == 3
+    assert stats["clients"] == 4 and sorted(stats["by_client"]) == [0, 1, 2, 3]
+    assert stats["rejected"] == 1 and stats["rejections"][0].startswith("client 2: out.bias has")
+    assert {k: v["clients"] for k, v in stats["by_tier"].items()} == {
+        "bits=5,tables=4,sketch=8,rehash=1": 2, "bits=4,tables=4,sketch=4,rehash=1": 2}
+    for key, i in (("bytes_down", 0), ("bytes_up", 1)):
+        assert stats[key] == sum(t[key] for t in stats["by_tier"].values()) \
+            == sum(b[i] for b in stats["by_client"].values()) == trainer.totals[key]
+        assert sum(b[i] for b in trainer.device_bytes) == trainer.totals[key]
+    assert math.isfinite(stats["loss"])
+    with pytest.raises(RuntimeError, match="centralised trainer"):
+        XCTrainer(tr, te, XCConfig(hidden=16, backend="reference")).run_round()
+
+
+def test_xc_checkpoint_refuses_another_config(tiny_xc, tmp_path):
+    tr, te = tiny_xc
+    cfg = XCConfig(method="pg", budget=0.2, tables=4, bits=5, hidden=16, batch_size=32,
+                   devices=2, backend="reference")
+    trainer = XCTrainer(tr, te, cfg)
+    trainer.run_round()
+    trainer.save(tmp_path / "ckpt.pt")
+    again = XCTrainer.load(tmp_path / "ckpt.pt", tr, te, XCConfig(**{**cfg.__dict__,
+                                                                      "epochs": 20}))
+    assert again.round_index == 1 and again.totals == trainer.totals
+    with pytest.raises(ValueError, match=r"different config: \['bits'\]"):
+        XCTrainer.load(tmp_path / "ckpt.pt", tr, te, XCConfig(**{**cfg.__dict__, "bits": 6}))
+    torch.save({"net": {}}, tmp_path / "old.pt")
+    with pytest.raises(ValueError, match="not a fastfair xc checkpoint of format"):
+        XCTrainer.load(tmp_path / "old.pt", tr, te, cfg)
+    with pytest.raises(FileNotFoundError, match="no checkpoint at"):
+        XCTrainer.load(tmp_path / "none.pt", tr, te, cfg)

@@ -30,7 +30,6 @@ payload is over budget (the stats say so). ``quant*`` and ``full`` ignore budget
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Optional
 
 import torch

@@ -11,7 +11,7 @@ Flower nodes instead of in the loop:
   random generator each client starts its local training from;
 * ``finish_round(replies)`` then runs ``FederatedRunner.run_round`` itself, with ``download`` /
   ``local_train`` / ``upload`` / ``compress`` answered from the plan and the nodes' replies, so
-  the checks, the aggregation (``_aggregate``: one ``fastfair.aggregate`` pass over the nested
+  the checks, the aggregation (``aggregate_uploads``: one ``fastfair.aggregate`` pass over the nested
   hashed uploads) and the byte counts are the in-process code, not a copy.
 
 One Flower node is one device is one user (``node_config["partition-id"]``; the simulation
@@ -154,11 +154,7 @@ class ServerRunner(FederatedRunner):
             raise RuntimeError("plan_round called twice without finish_round")
         saved = self.gen.get_state()
         self._svd.clear()
-        # The same two draws, in the same order, as the start of FederatedRunner.run_round.
-        k = self.cfg.clients_per_round
-        pick = torch.randperm(self.eligible.numel(), generator=self.gen)[:k]
-        clients = self.eligible[pick].tolist()
-        drops = (torch.rand(len(clients), generator=self.gen) < self.cfg.dropout).tolist()
+        clients, drops = self.draw_clients()  # as run_round will draw them
         plan = {}
         for client, dropped in zip(clients, drops):
             if dropped:

@@ -10,9 +10,11 @@ Optimisers: Adam on the first layer, ``fastfair.optim.LazyAdam`` (``torch.optim.
 rule, fused) on the output layer, so an inactive neuron's weights and moments do not move (unlike
 the reference code, whose Adam moves them all). The dense method uses the same pair with every neuron active.
 
-Federated (``devices >= 2``; the loop of the reference code). The training points are split at
-random over the devices. Every round each device, with its own private hash functions (its seed
-is drawn from the run's; bits, tables, sketch size and rehash period from its tier):
+Federated (``devices >= 2``): the round of ``fastfair.fl.rounds.RoundRunner``, the one FAIR's
+``FederatedRunner`` runs (sampling, dropout, update checks, byte accounting per device and per
+tier, statistics), with the steps of the reference code's loop. The training points are split at
+random over the devices. Every round each sampled device, with its own private hash functions (its
+seed is drawn from the run's; bits, tables, sketch size and rehash period from its tier):
 
 (``device_tiers``, e.g. ``"bits=8,tables=50,sketch=8,rehash=1;bits=6,tables=10,sketch=4,
 rehash=5"``: device ``i`` takes tier ``i mod #tiers``; unnamed fields come from the config):
@@ -27,13 +29,15 @@ rehash=5"``: device ``i`` takes tier ``i mod #tiers``; unnamed fields come from 
    and ``W[A], b[A]``.
 
 A round takes ``clients_per_round`` devices (all with 0) without replacement; each drops out after
-its download with probability ``dropout``, and an update holding a NaN or Inf is rejected; both are
-counted, never averaged in. The server averages the first layer over the devices that returned
-(weights = their numbers of points, renormalised) and each output neuron over those that trained it
-(renormalised per neuron); neurons nobody trained keep their value. Bytes down and up are counted
-exactly per device (float32 values, int32 ids). ``save``/``load`` checkpoint everything later
-rounds depend on (models, optimizer states, tables, the random generator, counters), so a resumed
-run continues bit-identically; checkpoints load with ``torch.load(weights_only=True)``.
+its download with probability ``dropout``, and an update with a missing tensor, a wrong shape or
+dtype, or a NaN/Inf is rejected; both are counted, never averaged in. The server averages the first
+layer over the devices that returned (weights = their numbers of points, renormalised) and each
+output neuron over those that trained it (renormalised per neuron); neurons nobody trained keep
+their value. Bytes down and up are counted exactly per device and per tier (float32 values, int32
+ids: the ids of ``A`` go up with the request for ``W[A]``). ``save``/``load`` checkpoint
+everything later rounds depend on (models, optimizer states, tables, the random generator,
+counters), so a resumed run continues bit-identically; checkpoints load with
+``torch.load(weights_only=True)``.
 """
 from __future__ import annotations
 
@@ -49,12 +53,14 @@ from torch import Tensor, nn
 from ..kernels import hashing
 from ..nn.lsh import LSHOutputLayer, select
 from ..optim import LazyAdam
-from .xc import XCData, precision_at_k
+from .rounds import RoundRunner, check_tensors
+from .xc import XCBatch, XCData, precision_at_k
 
 METHODS = ("dense", "pg", "dwta", "simhash", "sampled")
 _HASH = {"dense": "pg", "pg": "pg", "dwta": "dwta", "simhash": "simhash", "sampled": "random"}
 _DEVICE_SALT = 0x82EFA98E
 BYTES = 4
+CHECKPOINT_FORMAT = 2
 
 
 @dataclasses.dataclass
@@ -188,8 +194,21 @@ def _device_seed(seed: int, device: int) -> int:
                               & hashing.MASK32)
 
 
-class XCTrainer:
-    """Centralised (``devices = 1``) or federated training; ``run_epoch`` then ``evaluate``."""
+@dataclasses.dataclass
+class XCView:
+    """What a device holds in a round: its tier, its round's batches (drawn from its own points)
+    and the active set it selected with them; ``source``: the values of ``W``'s hashing source it
+    downloaded this round (0 between its rehashes)."""
+
+    tier: int
+    batches: list
+    active: Tensor
+    source: int
+
+
+class XCTrainer(RoundRunner):
+    """Centralised (``devices = 1``) or federated training; ``run_epoch`` then ``evaluate``.
+    Federated, ``run_round`` is ``RoundRunner``'s round with the steps below."""
 
     def __init__(self, train: XCData, test: XCData, cfg: XCConfig):
         cfg.check()
@@ -197,31 +216,31 @@ class XCTrainer:
             raise ValueError("train and test disagree on num_features / num_labels")
         if cfg.devices > len(train):
             raise ValueError(f"devices={cfg.devices} exceeds the {len(train)} training points")
+        super().__init__(cfg.seed, torch.arange(cfg.devices), cfg.clients_per_round or cfg.devices,
+                         cfg.dropout)
         self.cfg, self.train_data, self.test = cfg, train, test
-        self.gen = torch.Generator().manual_seed(cfg.seed)
         self.net = XCNet(train.num_features, train.num_labels, cfg, cfg.seed)
         self.n = train.num_labels
         self.m = self.net.out.m
-        self.totals = {"bytes_down": 0, "bytes_up": 0, "active": 0, "steps": 0, "dropped": 0,
-                       "rejected": 0}
+        self.totals.update(active=0, steps=0)
         self.epoch = 0
         if cfg.devices == 1:
             self.opts = _optimizers(self.net, cfg.lr)
-        else:
-            self.parts = train.split(cfg.devices, seed=cfg.seed)
-            self.locals = []
-            tiers = cfg.tiers()
-            for d in range(cfg.devices):
-                net = XCNet(train.num_features, train.num_labels, cfg, _device_seed(cfg.seed, d),
-                            tiers[d % len(tiers)])
-                self.locals.append({"net": net, "opts": _optimizers(net, cfg.lr), "tables": None,
-                                    "round": 0})
-            self.device_bytes = [[0, 0] for _ in range(cfg.devices)]  # [down, up] per device
-            self.weights = torch.tensor([float(len(p)) for p in self.parts])
-            self.weights /= self.weights.sum()
+            return
+        self.parts = train.split(cfg.devices, seed=cfg.seed)
+        self.tiers = cfg.tiers()
+        self.locals = []
+        for d in range(cfg.devices):
+            net = XCNet(train.num_features, train.num_labels, cfg, _device_seed(cfg.seed, d),
+                        self.tiers[d % len(self.tiers)])
+            self.locals.append({"net": net, "opts": _optimizers(net, cfg.lr), "tables": None,
+                                "round": 0})
+        self.device_bytes = [[0, 0] for _ in range(cfg.devices)]  # [down, up] per device
+        g = self.net
+        self._first_size = g.first.weight.numel() + g.first_bias.numel()
 
     # ---------------------------------------------------------------- centralised
-    def _step(self, net, opts, batch, active=None) -> float:
+    def _step(self, net, opts, batch: XCBatch, active=None) -> float:
         x = net.hidden(batch)
         out = net.out(x, batch.label_offsets, batch.label_ids, active=active)
         loss = net.out.loss(out, batch.label_offsets, batch.label_ids)
@@ -247,100 +266,130 @@ class XCTrainer:
                 losses.append(self._step(self.net, self.opts, batch))
         else:
             steps = max(len(p) for p in self.parts) // (self.cfg.batch_size * self.cfg.local_steps)
-            for _ in range(max(1, steps)):
-                losses.append(self.run_round())
+            losses = [s["loss"] for s in (self.run_round() for _ in range(max(1, steps)))]
+            losses = [v for v in losses if not math.isnan(v)]
         self.epoch += 1
         return {"epoch": self.epoch, "loss": sum(losses) / max(len(losses), 1),
                 "seconds": time.perf_counter() - t0,
                 "active_mean": self.totals["active"] / max(self.totals["steps"], 1)}
 
-    # ---------------------------------------------------------------- federated
-    def run_round(self) -> float:
-        cfg, g = self.cfg, self.net
-        first_acc = torch.zeros_like(g.first.weight)
-        fb_acc = torch.zeros_like(g.first_bias)
-        w_acc = torch.zeros_like(g.out.weight)
-        b_acc = torch.zeros_like(g.out.bias)
-        w_sum = torch.zeros(self.n)
-        p_sum = 0.0
-        losses = []
-        d_first = g.first.weight.numel() + g.first_bias.numel()
-        k = cfg.clients_per_round or cfg.devices
-        pick = torch.randperm(cfg.devices, generator=self.gen)[:k].tolist()
-        # Drawn even when dropout is 0, so runs that differ only in dropout sample alike.
-        drops = (torch.rand(k, generator=self.gen) < cfg.dropout).tolist()
-        for d, dropped in zip(pick, drops):
-            part, loc = self.parts[d], self.locals[d]
-            net, fam = loc["net"], loc["net"].out.family
-            down = d_first
-            with torch.no_grad():
-                net.first.weight.copy_(g.first.weight)
-                net.first_bias.copy_(g.first_bias)
-            idx = [torch.randint(0, len(part), (min(cfg.batch_size, len(part)),),
-                                 generator=self.gen) for _ in range(cfg.local_steps)]
-            batches = [part.batch(i) for i in idx]
-            if self.m == self.n:
-                active = torch.arange(self.n)
-            else:
-                with torch.no_grad():
-                    x = torch.cat([net.hidden(b) for b in batches])
-                    labels = (torch.cat([b.label_ids for b in batches])
-                              if cfg.force_labels else None)
-                    tables = None
-                    if fam.kind != "random":
-                        if loc["tables"] is None or loc["round"] % net.out.rehash_every == 0:
-                            src = fam.source(g.out.weight.detach())
-                            down += src.numel()
-                            loc["tables"] = fam.build(src)
-                        tables = loc["tables"]
-                    sel_seed = _device_seed(fam.seed, loc["round"])
-                    active = select(fam, x, self.n, self.m, tables=tables, labels=labels,
-                                    seed=sel_seed, backend=fam.backend)
-            loc["round"] += 1
-            with torch.no_grad():
-                net.out.weight[active] = g.out.weight[active]
-                net.out.bias[active] = g.out.bias[active]
-            a = active.numel()
-            down += a * (g.out.weight.shape[1] + 1)
-            self._count(d, down, 0)
-            if dropped:
-                self.totals["dropped"] += 1
-                continue
-            for b in batches:
-                losses.append(self._step(net, loc["opts"], b, active=active))
-            self._count(d, 0, a + d_first + a * (g.out.weight.shape[1] + 1))  # ids, then update
-            with torch.no_grad():
-                rows, brows = net.out.weight[active], net.out.bias[active]
-                if not all(bool(torch.isfinite(t).all())
-                           for t in (net.first.weight, net.first_bias, rows, brows)):
-                    self.totals["rejected"] += 1
-                    continue
-                p = float(self.weights[d])
-                p_sum += p
-                first_acc.add_(net.first.weight, alpha=p)
-                fb_acc.add_(net.first_bias, alpha=p)
-                w_acc.index_add_(0, active, rows, alpha=p)
-                b_acc.index_add_(0, active, brows, alpha=p)
-                w_sum.index_add_(0, active, torch.full((a,), p))
-        if p_sum > 0:
-            with torch.no_grad():
-                g.first.weight.copy_(first_acc / p_sum)
-                g.first_bias.copy_(fb_acc / p_sum)
-                hit = torch.nonzero(w_sum > 0).view(-1)
-                g.out.weight[hit] = w_acc[hit] / w_sum[hit, None]
-                g.out.bias[hit] = b_acc[hit] / w_sum[hit]
-        return sum(losses) / len(losses) if losses else math.nan
+    # ---------------------------------------------------------------- a device's round
+    def run_round(self) -> dict:
+        if self.cfg.devices == 1:
+            raise RuntimeError("a centralised trainer (devices=1) has no rounds: use run_epoch")
+        return super().run_round()
 
-    def _count(self, device: int, down: int, up: int) -> None:
-        self.totals["bytes_down"] += BYTES * down
-        self.totals["bytes_up"] += BYTES * up
-        self.device_bytes[device][0] += BYTES * down
-        self.device_bytes[device][1] += BYTES * up
+    def tier_label(self, view: XCView) -> str:
+        t = self.tiers[view.tier]
+        return (f"bits={t['bits']},tables={t['tables']},sketch={t['sketch_dim']},"
+                f"rehash={t['rehash_every']}")
+
+    def view(self, device: int) -> XCView:
+        """The device downloads the first layer (and, on its rehash rounds, ``W``'s hashing
+        source, from which it builds its tables), draws its round's batches and selects its
+        active set from their hidden vectors."""
+        cfg, g = self.cfg, self.net
+        part, loc = self.parts[device], self.locals[device]
+        net, fam = loc["net"], loc["net"].out.family
+        with torch.no_grad():
+            net.first.weight.copy_(g.first.weight)
+            net.first_bias.copy_(g.first_bias)
+        batches = [part.batch(torch.randint(0, len(part), (min(cfg.batch_size, len(part)),),
+                                            generator=self.gen))
+                   for _ in range(cfg.local_steps)]
+        source = 0
+        if self.m == self.n:
+            active = torch.arange(self.n)
+        else:
+            with torch.no_grad():
+                x = torch.cat([net.hidden(b) for b in batches])
+                labels = torch.cat([b.label_ids for b in batches]) if cfg.force_labels else None
+                tables = None
+                if fam.kind != "random":
+                    if loc["tables"] is None or loc["round"] % net.out.rehash_every == 0:
+                        src = fam.source(g.out.weight.detach())
+                        source = src.numel()
+                        loc["tables"] = fam.build(src)
+                    tables = loc["tables"]
+                active = select(fam, x, self.n, self.m, tables=tables, labels=labels,
+                                seed=_device_seed(fam.seed, loc["round"]), backend=fam.backend)
+        loc["round"] += 1
+        return XCView(device % len(self.tiers), batches, active, source)
+
+    def _rows(self, view: XCView) -> int:
+        return view.active.numel() * (self.net.out.weight.shape[1] + 1)
+
+    def download_bytes(self, device: int, view: XCView) -> int:
+        return BYTES * (self._first_size + view.source + self._rows(view))
+
+    def download(self, device: int, view: XCView):
+        """The device's model with ``W[A], b[A]`` downloaded into it."""
+        loc, g = self.locals[device], self.net
+        with torch.no_grad():
+            loc["net"].out.weight[view.active] = g.out.weight[view.active]
+            loc["net"].out.bias[view.active] = g.out.bias[view.active]
+        return loc, view
+
+    def local_train(self, device: int, model, gen: torch.Generator) -> float:
+        loc, view = model
+        losses = [self._step(loc["net"], loc["opts"], b, active=view.active)
+                  for b in view.batches]
+        return sum(losses) / len(losses)
+
+    def upload(self, device: int, model, view: XCView) -> dict:
+        net = model[0]["net"]
+        return {"first.weight": net.first.weight.detach(), "first_bias": net.first_bias.detach(),
+                "out.weight": net.out.weight.detach()[view.active],
+                "out.bias": net.out.bias.detach()[view.active]}
+
+    def check_update(self, update, view: XCView) -> Optional[str]:
+        g, a = self.net, view.active.numel()
+        return check_tensors(update, {
+            "first.weight": g.first.weight.shape, "first_bias": g.first_bias.shape,
+            "out.weight": (a, g.out.weight.shape[1]), "out.bias": (a,)})
+
+    def transmit(self, device: int, update, start, view: XCView, down: int,
+                 reason: Optional[str]) -> tuple:
+        # The ids of A (the request for W[A]), then the first layer and W[A], b[A].
+        values = view.active.numel() + self._first_size + self._rows(view)
+        return update, {"bits": 8 * BYTES * values}
+
+    def weight(self, device: int) -> float:
+        return float(len(self.parts[device]))
+
+    def aggregate_uploads(self, uploads: list) -> None:
+        """First layer: the weighted mean; each output neuron: the weighted mean over the
+        devices that trained it (neurons nobody trained keep their value)."""
+        g = self.net
+        total = sum(w for _, _, w in uploads)
+        first = torch.zeros_like(g.first.weight)
+        first_bias = torch.zeros_like(g.first_bias)
+        rows = torch.zeros_like(g.out.weight)
+        bias = torch.zeros_like(g.out.bias)
+        held = torch.zeros(self.n)
+        for update, view, w in uploads:
+            p = w / total
+            first.add_(update["first.weight"], alpha=p)
+            first_bias.add_(update["first_bias"], alpha=p)
+            rows.index_add_(0, view.active, update["out.weight"], alpha=p)
+            bias.index_add_(0, view.active, update["out.bias"], alpha=p)
+            held.index_add_(0, view.active, torch.full((view.active.numel(),), p))
+        with torch.no_grad():
+            g.first.weight.copy_(first)
+            g.first_bias.copy_(first_bias)
+            hit = torch.nonzero(held > 0).view(-1)
+            g.out.weight[hit] = rows[hit] / held[hit, None]
+            g.out.bias[hit] = bias[hit] / held[hit]
+
+    def finish(self, stats: dict) -> None:
+        for device, (down, up) in stats["by_client"].items():
+            self.device_bytes[device][0] += down
+            self.device_bytes[device][1] += up
 
     # ---------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict:
-        state = {"net": self.net.state_dict(), "gen": self.gen.get_state(),
-                 "totals": dict(self.totals), "epoch": self.epoch}
+        state = {"format": CHECKPOINT_FORMAT, "config": dataclasses.asdict(self.cfg),
+                 **self.round_state(), "net": self.net.state_dict(), "epoch": self.epoch}
         if self.cfg.devices == 1:
             state["opts"] = [o.state_dict() for o in self.opts]
         else:
@@ -352,9 +401,16 @@ class XCTrainer:
         return state
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore ``state_dict()``; the config may differ in ``epochs`` only."""
+        if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(f"not a fastfair xc checkpoint of format {CHECKPOINT_FORMAT}")
+        config = dataclasses.asdict(self.cfg)
+        diff = sorted(k for k in config if k != "epochs" and state["config"].get(k) != config[k])
+        if diff:
+            raise ValueError(f"checkpoint was taken with a different config: {diff}")
         self.net.load_state_dict(state["net"])
-        self.gen.set_state(state["gen"])
-        self.totals, self.epoch = dict(state["totals"]), int(state["epoch"])
+        self.load_round_state(state)
+        self.epoch = int(state["epoch"])
         if self.cfg.devices == 1:
             for o, s in zip(self.opts, state["opts"]):
                 o.load_state_dict(s)
@@ -367,12 +423,11 @@ class XCTrainer:
             loc["tables"] = tuple(s["tables"]) if s["tables"] is not None else None
             loc["round"] = int(s["round"])
 
-    def save(self, path) -> None:
-        torch.save(self.state_dict(), path)
-
     @classmethod
     def load(cls, path, train: XCData, test: XCData, cfg: XCConfig) -> "XCTrainer":
         """The trainer saved at ``path`` (with the same data and config)."""
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"no checkpoint at {path}")
         trainer = cls(train, test, cfg)
         trainer.load_state_dict(torch.load(path, weights_only=True))
         return trainer

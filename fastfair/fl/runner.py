@@ -44,7 +44,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import time
 from typing import Optional, Union
 
 import torch
@@ -62,6 +61,7 @@ from .compress import (COMPRESSORS, Compressor, Received, action_bits, doubling_
 from .model import (ARCHS, ClientModel, Head, LowRankEmbedding, SlicedEmbedding, score,
                     score_all_items)
 from .profiles import cluster_flops, load_profile, train_flops
+from .rounds import RoundRunner, check_tensors
 from .tiers import assign_tiers, parse_tiers, tier_specs
 
 METHODS = ("fair", "fedavg-full", "exclusion", "fedhm", "heterofl", "fair-inconsistent")
@@ -256,7 +256,7 @@ class ClientView:
     specs: dict
 
 
-class FederatedRunner:
+class FederatedRunner(RoundRunner):
     """Runs ``Config`` on ``InteractionData``; ``run_round()`` then ``evaluate()``."""
 
     def __init__(self, data: InteractionData, config: Config):
@@ -281,11 +281,11 @@ class FederatedRunner:
         if not supported:
             raise ValueError(f"method {config.method!r} cannot represent any tier of "
                              f"{config.tiers!r}: {self._why_unsupported()}")
-        self.eligible = torch.nonzero(torch.isin(self.tier_of, torch.tensor(supported))).flatten()
-        if config.clients_per_round > self.eligible.numel():
+        eligible = torch.nonzero(torch.isin(self.tier_of, torch.tensor(supported))).flatten()
+        if config.clients_per_round > eligible.numel():
             raise ValueError(f"clients_per_round={config.clients_per_round} is larger than the "
-                             f"{self.eligible.numel()} clients method {config.method!r} can train")
-        self.gen = torch.Generator().manual_seed(config.seed)
+                             f"{eligible.numel()} clients method {config.method!r} can train")
+        super().__init__(config.seed, eligible, config.clients_per_round, config.dropout)
         self.tables = {name: torch.randn(n, d, generator=self.gen) * INIT_STD
                        for name in self._table_names()}
         # Private per-client state, kept here only because clients are simulated in-process.
@@ -300,8 +300,6 @@ class FederatedRunner:
         self._counts: dict = {}
         self._svd: dict = {}
         self._projections: dict = {}
-        self.round_index = 0
-        self.totals = {"bytes_down": 0, "bytes_up": 0, "dropped": 0, "rejected": 0}
         self.compressor = None
         if config.compressor != "none":
             self.compressor = Compressor(config.compressor, actions=config.fixed_actions(),
@@ -602,29 +600,21 @@ class FederatedRunner:
                 "late": bool(sent.get("late")) or seconds > self.deadline}
 
     def check_update(self, update, view: ClientView) -> Optional[str]:
-        """Why ``update`` must be rejected, or None when it is well-formed and finite."""
-        if not isinstance(update, dict):
-            return f"update is a {type(update).__name__}, not a dict"
-        expected = self.expected_update(view)
-        if set(update) != set(expected):
-            missing, extra = sorted(set(expected) - set(update)), sorted(set(update) - set(expected))
-            return f"tensors missing {missing}, unexpected {extra}"
-        for key, shape in expected.items():
-            t = update[key]
-            if isinstance(t, Received):
-                reason = t.check()
-                if reason is not None:
-                    return f"{key}: {reason}"
-                t = t.start  # its shape is the table's; the payload was checked above
-            if not isinstance(t, Tensor) or t.dtype != torch.float32:
-                return f"{key} is not a float32 tensor"
-            if tuple(t.shape) != shape:
-                return f"{key} has shape {tuple(t.shape)}, expected {shape}"
-            if not bool(torch.isfinite(t).all()):
-                return f"{key} has NaN or Inf values"
-        return None
+        """Why ``update`` must be rejected, or None when it is well-formed and finite (a
+        compressed table: its payload well-formed, its download of the table's shape)."""
+        if isinstance(update, dict):
+            plain = {}
+            for key, t in update.items():
+                if isinstance(t, Received):
+                    reason = t.check()
+                    if reason is not None:
+                        return f"{key}: {reason}"
+                    t = t.start
+                plain[key] = t
+            update = plain
+        return check_tensors(update, self.expected_update(view))
 
-    def _aggregate(self, uploads: list) -> None:
+    def aggregate_uploads(self, uploads: list) -> None:
         """Weighted average of the accepted uploads ``(update, view, weight)`` into the global
         tables and head (see module doc)."""
         n, d = self.data.num_items, self.cfg.dim
@@ -706,72 +696,61 @@ class FederatedRunner:
                 represented = expand_dense(self._projection(name, spec), spec)
             acc.add_(table - represented, alpha=p)
 
-    def run_round(self) -> dict:
-        """One round; returns its statistics: clients sampled, returned, dropped and rejected
-        (with the reasons), mean loss, bytes per tier and in total, seconds."""
-        t0 = time.perf_counter()
+    # ------------------------------------------------------------------ the round's steps
+    # (RoundRunner.run_round calls them; see fastfair.fl.rounds)
+    def begin_round(self) -> None:
         self._svd.clear()
         self._projections.clear()
-        pick = torch.randperm(self.eligible.numel(), generator=self.gen)[:self.cfg.clients_per_round]
-        clients = self.eligible[pick].tolist()
-        # Drawn even when dropout is 0 so runs that differ only in dropout sample alike.
-        drops = (torch.rand(len(clients), generator=self.gen) < self.cfg.dropout).tolist()
-        uploads, losses, reasons = [], [], []
-        per_tier: dict = {}
-        per_class: dict = {}
-        for client, dropped in zip(clients, drops):
-            view = self.view(client)
-            nbytes = self.payload_bytes(view)
-            tier = per_tier.setdefault(self.tiers[view.tier].label,
-                                       {"clients": 0, "dropped": 0, "rejected": 0,
-                                        "bytes_down": 0, "bytes_up": 0})
-            tier["clients"] += 1
-            tier["bytes_down"] += nbytes
-            if dropped:
-                tier["dropped"] += 1
-                continue
-            model = self.download(client, view)
-            start = ({k: v.detach().clone() for k, v in model.named_parameters()
-                      if k.startswith("item_")} if self.compressor is not None else None)
-            losses.append(self.local_train(client, model, self.gen))
-            with torch.no_grad():
-                self.user_vectors["gmf"][client] = model.user_gmf
-                if self.head is not None:
-                    self.user_vectors["mlp"][client] = model.user_mlp
-            update = self.upload(client, model, view)
-            reason = self.check_update(update, view)
-            sent = {"bits": 8 * nbytes, "bits_int32": 8 * nbytes, "item_bits": None}
-            if reason is None and self.compressor is not None:
-                update, sent = self.compress(client, update, start, view)
-            if self.profile is not None:
-                sent.update(self._simulate(client, nbytes, sent))
-                _add_class_stats(per_class, self.profile.classes[
-                    int(self.device_class[client])].name, sent)
-            tier["bytes_up"] += -(-sent["bits"] // 8)
-            for key in ("bits", "bits_int32"):
-                tier[f"{key}_up"] = tier.get(f"{key}_up", 0) + sent[key]
-            if sent["item_bits"] is not None:
-                tier["item_bits_up"] = tier.get("item_bits_up", 0) + sent["item_bits"]
-                tier["item_bits_int32_up"] = (tier.get("item_bits_int32_up", 0)
-                                              + sent["item_bits_int32"])
-                tier["item_reference_bits"] = (tier.get("item_reference_bits", 0)
-                                               + sent["item_reference_bits"])
-            if reason is not None:
-                tier["rejected"] += 1
-                reasons.append(f"client {client}: {reason}")
-                continue
-            uploads.append((update, view, float(self.data.user_items(client).numel())))
-        if uploads:
-            self._aggregate(uploads)
-        self.round_index += 1
-        stats = {"round": self.round_index, "clients": len(clients),
-                 "returned": len(clients) - sum(drops),
-                 "dropped": sum(t["dropped"] for t in per_tier.values()),
-                 "rejected": len(reasons), "rejections": reasons,
-                 "loss": sum(losses) / len(losses) if losses else math.nan,
-                 "bytes_down": sum(t["bytes_down"] for t in per_tier.values()),
-                 "bytes_up": sum(t["bytes_up"] for t in per_tier.values()),
-                 "by_tier": per_tier}
+        self._per_class: dict = {}
+
+    def tier_label(self, view: ClientView) -> str:
+        return self.tiers[view.tier].label
+
+    def download_bytes(self, client: int, view: ClientView) -> int:
+        return self.payload_bytes(view)
+
+    def snapshot(self, model: ClientModel) -> Optional[dict]:
+        """The downloaded item tables, which a compressor encodes the change from."""
+        if self.compressor is None:
+            return None
+        return {k: v.detach().clone() for k, v in model.named_parameters()
+                if k.startswith("item_")}
+
+    def keep_private(self, client: int, model: ClientModel) -> None:
+        with torch.no_grad():
+            self.user_vectors["gmf"][client] = model.user_gmf
+            if self.head is not None:
+                self.user_vectors["mlp"][client] = model.user_mlp
+
+    def transmit(self, client: int, update, start, view: ClientView, down: int,
+                 reason: Optional[str]) -> tuple:
+        """The update as sent (compressed when configured and well-formed) and its accounting;
+        under a profile, the client's simulated time too."""
+        sent = {"bits": 8 * down, "bits_int32": 8 * down, "item_bits": None}
+        if reason is None and self.compressor is not None:
+            update, sent = self.compress(client, update, start, view)
+        if self.profile is not None:
+            sent.update(self._simulate(client, down, sent))
+            _add_class_stats(self._per_class, self.profile.classes[
+                int(self.device_class[client])].name, sent)
+        return update, sent
+
+    def account(self, tier: dict, sent: dict) -> None:
+        for key in ("bits", "bits_int32"):
+            tier[f"{key}_up"] = tier.get(f"{key}_up", 0) + sent[key]
+        if sent["item_bits"] is not None:
+            tier["item_bits_up"] = tier.get("item_bits_up", 0) + sent["item_bits"]
+            tier["item_bits_int32_up"] = (tier.get("item_bits_int32_up", 0)
+                                          + sent["item_bits_int32"])
+            tier["item_reference_bits"] = (tier.get("item_reference_bits", 0)
+                                           + sent["item_reference_bits"])
+
+    def weight(self, client: int) -> float:
+        return float(self.data.user_items(client).numel())
+
+    def finish(self, stats: dict) -> None:
+        """Bits (packed and int32) and the upload ratio; under a profile, per device class."""
+        per_tier = stats["by_tier"]
         for key in ("bits_up", "bits_int32_up", "item_bits_up", "item_bits_int32_up",
                     "item_reference_bits"):
             if any(key in t for t in per_tier.values()):
@@ -779,18 +758,14 @@ class FederatedRunner:
         if "item_bits_up" in stats:
             stats["upload_ratio"] = stats["item_bits_up"] / max(stats["item_reference_bits"], 1)
         if self.profile is not None:
-            stats["by_class"] = _finish_class_stats(per_class)
+            stats["by_class"] = _finish_class_stats(self._per_class)
             stats["sim_seconds"] = max((c["seconds_max"] for c in stats["by_class"].values()),
                                        default=0.0)
             stats["late"] = sum(c["late"] for c in stats["by_class"].values())
-        for key in ("bytes_down", "bytes_up", "dropped", "rejected"):
-            self.totals[key] += stats[key]
         for key in ("bits_up", "bits_int32_up", "item_bits_up", "item_bits_int32_up",
                     "item_reference_bits", "late"):
             if key in stats:
                 self.totals[key] = self.totals.get(key, 0) + stats[key]
-        stats["seconds"] = time.perf_counter() - t0
-        return stats
 
     # ------------------------------------------------------------------ evaluation
     def _rows(self, users: Tensor, items: Tensor) -> Tensor:
@@ -829,8 +804,7 @@ class FederatedRunner:
     def state_dict(self) -> dict:
         """Everything later rounds depend on, as tensors and plain containers."""
         return {"format": CHECKPOINT_FORMAT, "config": dataclasses.asdict(self.cfg),
-                "data": self._fingerprint(), "round": self.round_index,
-                "totals": dict(self.totals), "generator": self.gen.get_state(),
+                "data": self._fingerprint(), **self.round_state(),
                 "tables": dict(self.tables), "user_vectors": dict(self.user_vectors),
                 "head": None if self.head is None else self.head.state_dict(),
                 "optimizer_states": dict(self.optimizer_states)}
@@ -851,19 +825,10 @@ class FederatedRunner:
             self.user_vectors[name] = state["user_vectors"][name].clone()
         if self.head is not None:
             self.head.load_state_dict(state["head"])
-        self.gen.set_state(state["generator"])
-        self.round_index = int(state["round"])
-        self.totals = dict(state["totals"])
+        self.load_round_state(state)
         self.optimizer_states = dict(state["optimizer_states"])
         self._svd.clear()
         self._projections.clear()
-
-    def save(self, path) -> None:
-        """Write a checkpoint atomically (a crash mid-write leaves the previous one intact)."""
-        path = os.fspath(path)
-        tmp = f"{path}.tmp"
-        torch.save(self.state_dict(), tmp)
-        os.replace(tmp, path)
 
     @classmethod
     def load(cls, path, data: InteractionData) -> "FederatedRunner":
