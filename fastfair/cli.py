@@ -39,8 +39,8 @@ from .fl.data import DATASETS, load_dataset, synthetic
 from .fl.model import ARCHS
 from .fl.compress import COMPRESSORS
 from .fl.profiles import PROFILES
-from .fl.runner import (AGGREGATIONS, ASSIGNMENTS, COMPRESSIBLE, LOSSES, METHODS, OPTIMIZER_STATES, OPTIMIZERS, Config,
-                        FederatedRunner, popularity_metrics)
+from .fl.runner import (AGGREGATIONS, ASSIGNMENTS, COMPRESSIBLE, LOSSES, METHODS, OPTIMIZER_STATES,
+                        OPTIMIZERS, WEIGHTINGS, Config, FederatedRunner, popularity_metrics)
 from .fl.tiers import fraction_label, parse_tiers
 
 ENGINES = ("inprocess", "flower")
@@ -61,7 +61,7 @@ RESUMABLE_SETTINGS = ("rounds", "checkpoint_every", "quiet", "resume", "overwrit
 
 _CHOICES = {"method": METHODS, "arch": ARCHS, "assignment": ASSIGNMENTS, "optimizer": OPTIMIZERS,
             "optimizer_state": OPTIMIZER_STATES, "loss": LOSSES, "compressor": COMPRESSORS,
-            "aggregation": AGGREGATIONS}
+            "aggregation": AGGREGATIONS, "weighting": WEIGHTINGS}
 _SHORT = {"clients_per_round": "-K", "local_epochs": "-E"}
 _HELP = {
     "arch": "model",
@@ -80,6 +80,8 @@ _HELP = {
     "aggregation": "average what clients hold (model, the reference rule), what they changed "
                    "(delta), or each item's change over the clients that changed it "
                    "(item-mean, dense views only)",
+    "weighting": "a client's weight in the average: its number of interactions (data), or "
+                 "that times its capacity (capacity)",
     "chunk_size": "hash chunk size Z (contiguous elements per hash)",
     "dropout": "probability that a sampled client never returns its update",
     "seed": "seed of the runner (initialisation, tiers, hashes, sampling)",
@@ -368,6 +370,8 @@ def _check_resume(out: Path, runs: list, data, settings: dict, rounds: int) -> N
     before = json.loads(config_file.read_text()).get("settings")
     if not isinstance(before, dict):
         raise ValueError(f"--resume: {config_file} holds no fastfair settings")
+    # A setting added after the run was started counts as its default there.
+    before = {**{k: f.default for k, f in _CONFIG_FIELDS.items() if k not in before}, **before}
     changed = [f"{k} {before.get(k)!r} -> {v!r}" for k, v in settings.items()
                if k not in RESUMABLE_SETTINGS and before.get(k) != v]
     if changed:

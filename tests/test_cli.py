@@ -144,6 +144,10 @@ def test_resume_continues_bit_identically(tmp_path, monkeypatch, capsys):
     commands = json.loads((broken / "config.json").read_text())["commands"]
     assert len(commands) == 2 and commands[1].endswith("--resume")
 
+    # A run written before a setting existed resumes with that setting at its default.
+    config = json.loads((broken / "config.json").read_text())
+    del config["settings"]["weighting"]
+    (broken / "config.json").write_text(json.dumps(config))
     # Resuming a finished run to more rounds adds only the new rounds.
     assert cli.main([*common, "--rounds", "5", "--out", broken, "--resume"]) == 0
     rounds = sorted((r["method"], r["round"]) for r in _records(broken))

@@ -382,6 +382,28 @@ def test_checkpoints_refuse_other_data_and_other_files(data, tmp_path):
         FederatedRunner(data, _cfg(lr=0.5)).load_state_dict(runner.state_dict())
 
 
+def test_checkpoint_without_a_later_setting_loads_with_its_default(data, tmp_path):
+    runner = FederatedRunner(data, _cfg())
+    runner.run_round()
+    state = runner.state_dict()
+    del state["config"]["weighting"]  # as written before that setting existed
+    torch.save(state, tmp_path / "old.pt")
+    resumed = FederatedRunner.load(tmp_path / "old.pt", data)
+    assert resumed.cfg.weighting == "data" and state_equal(resumed.state_dict(),
+                                                           runner.state_dict())
+
+
+def test_capacity_weighting_scales_each_client_by_its_tier(data):
+    runner = FederatedRunner(data, _cfg(method="fair", tiers="2:0-1-2", weighting="capacity"))
+    plain = FederatedRunner(data, _cfg(method="fair", tiers="2:0-1-2"))
+    for client in range(data.num_users):
+        fraction = runner.tiers[int(runner.tier_of[client])].fraction
+        assert runner.weight(client) == plain.weight(client) * fraction
+    assert {runner.tiers[int(t)].fraction for t in runner.tier_of} == {1, 0.5, 0.25}
+    with pytest.raises(ValueError, match="weighting must be one of"):
+        FederatedRunner(data, _cfg(weighting="size"))
+
+
 @pytest.mark.parametrize("arch", ["neumf", "mf"])
 def test_scoring_every_item_matches_the_pairwise_score(arch):
     from fastfair.fl.model import Head, score, score_all_items

@@ -72,6 +72,7 @@ OPTIMIZER_STATES = ("fresh", "persistent")
 LOSSES = ("bpr", "bce")
 ASSIGNMENTS = ("random", "activity")
 AGGREGATIONS = ("model", "delta", "item-mean")
+WEIGHTINGS = ("data", "capacity")
 # item-mean averages each item's row over the devices that changed it: rows must be the same
 # rows on every device, i.e. every view dense.
 ITEM_MEAN_METHODS = ("fedavg-full", "exclusion")
@@ -140,6 +141,7 @@ class Config:
     chunk_size: int = 1
     dropout: float = 0.0
     aggregation: str = "model"
+    weighting: str = "data"
     seed: int = 0
     eval_every: int = 5
     ks: tuple = (10,)
@@ -158,7 +160,8 @@ class Config:
         """A clear ValueError for the first bad setting."""
         for name, allowed in (("method", METHODS), ("arch", ARCHS), ("optimizer", OPTIMIZERS),
                               ("optimizer_state", OPTIMIZER_STATES), ("loss", LOSSES),
-                              ("assignment", ASSIGNMENTS), ("aggregation", AGGREGATIONS)):
+                              ("assignment", ASSIGNMENTS), ("aggregation", AGGREGATIONS),
+                              ("weighting", WEIGHTINGS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         for name in ("dim", "clients_per_round", "rounds", "local_epochs", "batch_size",
@@ -746,7 +749,11 @@ class FederatedRunner(RoundRunner):
                                            + sent["item_reference_bits"])
 
     def weight(self, client: int) -> float:
-        return float(self.data.user_items(client).numel())
+        """``|D_c|``, times the device's capacity with ``weighting="capacity"``."""
+        size = float(self.data.user_items(client).numel())
+        if self.cfg.weighting == "capacity":
+            size *= self.tiers[int(self.tier_of[client])].fraction
+        return size
 
     def finish(self, stats: dict) -> None:
         """Bits (packed and int32) and the upload ratio; under a profile, per device class."""
@@ -814,8 +821,9 @@ class FederatedRunner(RoundRunner):
         if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
             raise ValueError(f"not a fastfair runner checkpoint of format {CHECKPOINT_FORMAT}")
         config = dataclasses.asdict(self.cfg)
-        if state["config"] != config:
-            diff = sorted(k for k in config if state["config"].get(k) != config[k])
+        saved = _with_defaults(state["config"])
+        if saved != config:
+            diff = sorted(k for k in config if saved.get(k) != config[k])
             raise ValueError(f"checkpoint was taken with a different config: {diff}")
         if state["data"] != self._fingerprint():
             raise ValueError(f"checkpoint was taken on different data: {state['data']} vs "
@@ -838,11 +846,17 @@ class FederatedRunner(RoundRunner):
         state = torch.load(path, weights_only=True)
         if not isinstance(state, dict) or "config" not in state:
             raise ValueError(f"{path} is not a fastfair runner checkpoint")
-        config = state["config"]
+        config = _with_defaults(state["config"])
         config["ks"] = tuple(config["ks"])
         runner = cls(data, Config(**config))
         runner.load_state_dict(state)
         return runner
+
+
+def _with_defaults(config: dict) -> dict:
+    """A checkpoint's config with the settings added after it was written at their defaults
+    (which is what it ran with)."""
+    return {**{f.name: f.default for f in dataclasses.fields(Config)}, **config}
 
 
 def _deferred(entries: int) -> bool:
