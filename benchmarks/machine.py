@@ -42,6 +42,12 @@ def versions() -> dict:
     import numpy
 
     import fastfair
-    return {"python": platform.python_version(), "torch": torch.__version__,
-            "numpy": numpy.__version__, "numba": numba.__version__,
-            "fastfair": fastfair.__version__}
+    out = {"python": platform.python_version(), "torch": torch.__version__,
+           "numpy": numpy.__version__, "numba": numba.__version__,
+           "fastfair": fastfair.__version__, "cuda": torch.version.cuda}
+    try:
+        import triton
+        out["triton"] = triton.__version__
+    except ImportError:
+        out["triton"] = None
+    return out
