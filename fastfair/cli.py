@@ -480,11 +480,15 @@ def _prepare_out(args, out: Path, runs: list) -> None:
 # Training
 # ---------------------------------------------------------------------------------------------
 
-def _record(cfg: Config, totals: dict, stats: dict, metrics: dict, eval_seconds: float) -> dict:
+def _record(cfg: Config, totals: dict, stats: dict, metrics: dict, eval_seconds: float,
+            by_tier: Optional[dict] = None) -> dict:
+    """One evaluation's line of results.jsonl; ``by_tier``: the metrics over each tier's users
+    (in-process runs; Flower's federated evaluation reports the mean only)."""
     return _plain({
         "method": cfg.method, "tiers": cfg.tiers,
         "compressor": cfg.compressor, "round": stats["round"],
-        "metrics": metrics, "loss": stats["loss"],
+        "metrics": metrics, **({"metrics_by_tier": by_tier} if by_tier is not None else {}),
+        "loss": stats["loss"],
         "clients": stats["clients"], "returned": stats["returned"],
         "bytes_down": stats["bytes_down"], "bytes_up": stats["bytes_up"],
         "bytes_down_total": totals["bytes_down"], "bytes_up_total": totals["bytes_up"],
@@ -545,8 +549,9 @@ def _train(run: _Run, data, out: Path, args, show_bar: bool) -> None:
             if r % cfg.eval_every == 0 or r == cfg.rounds:
                 t0 = time.perf_counter()
                 metrics = runner.evaluate()
+                by_tier = runner.evaluate_by_tier()
                 results.write(json.dumps(_record(cfg, runner.totals, stats, metrics,
-                                                 time.perf_counter() - t0)) + "\n")
+                                                 time.perf_counter() - t0, by_tier)) + "\n")
                 results.flush()
                 shown[metric] = f"{metrics[metric]:.4f}"
             if (every and r % every == 0) or r == cfg.rounds:

@@ -69,6 +69,9 @@ def test_train_writes_config_results_summary_plot_and_checkpoint(tmp_path, capsy
     assert [r["round"] for r in records] == [2, 3]
     for r in records:
         assert {"hr@5", "ndcg@5", "hr@10", "ndcg@10"} <= set(r["metrics"])
+        by_tier = r["metrics_by_tier"]
+        assert set(by_tier) == {"1", "1/8"}
+        assert sum(m["users"] for m in by_tier.values()) == r["metrics"]["users"]
         assert r["method"] == "fair" and r["tiers"] == "2:0-3" and r["loss"] > 0
         assert r["bytes_down"] > 0 and r["bytes_up"] == r["bytes_down"]
         assert r["seconds"] > 0 and r["dropped"] == r["rejected"] == 0

@@ -393,6 +393,24 @@ def test_checkpoint_without_a_later_setting_loads_with_its_default(data, tmp_pat
                                                            runner.state_dict())
 
 
+@pytest.mark.parametrize("method", ["fair", "exclusion"])
+def test_metrics_by_tier_split_the_overall_metrics(data, method):
+    runner = FederatedRunner(data, _cfg(method=method, tiers="2:0-2", ks=(5, 10)))
+    runner.run_round()
+    overall, parts = runner.evaluate(), runner.evaluate_by_tier()
+    assert set(parts) == {t.label for t in runner.tiers}
+    assert sum(p["users"] for p in parts.values()) == overall["users"]
+    for key in ("hr@5", "ndcg@10"):
+        mean = sum(p[key] * p["users"] for p in parts.values()) / overall["users"]
+        assert mean == pytest.approx(overall[key], rel=1e-12)
+    # Only the full-capacity users' vectors moved under exclusion; the split shows it.
+    trained = {t.label: bool((runner.user_vectors["gmf"][runner.tier_of == i]
+                              != FederatedRunner(data, runner.cfg).user_vectors["gmf"][
+                                  runner.tier_of == i]).any())
+               for i, t in enumerate(runner.tiers)}
+    assert trained == {"1": True, "1/4": method == "fair"}
+
+
 def test_capacity_weighting_scales_each_client_by_its_tier(data):
     runner = FederatedRunner(data, _cfg(method="fair", tiers="2:0-1-2", weighting="capacity"))
     plain = FederatedRunner(data, _cfg(method="fair", tiers="2:0-1-2"))

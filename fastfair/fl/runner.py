@@ -783,16 +783,24 @@ class FederatedRunner(RoundRunner):
                      self.tables["mlp"][items], self.head)
 
     @torch.no_grad()
-    def evaluate(self) -> dict:
-        """The global model with each user's private vectors, on the data's test protocol."""
+    def evaluate(self, users: Optional[Tensor] = None) -> dict:
+        """The global model with each user's private vectors, on the data's test protocol, over
+        ``users`` (default: every user)."""
         data, ks = self.data, tuple(self.cfg.ks)
-        users = torch.arange(data.num_users)
+        if users is None:
+            users = torch.arange(data.num_users)
         if data.protocol == "loo":
-            return metrics.sampled_metrics(self._rows, users, data.test_items,
-                                           data.test_negatives, ks=ks)
+            return metrics.sampled_metrics(self._rows, users, data.test_items[users],
+                                           data.test_negatives[users], ks=ks)
         return metrics.full_ranking_metrics(
             self._score_all, users, data.train_indptr, data.train_items, data.test_indptr,
             data.test_items, data.num_items, ks=ks)
+
+    def evaluate_by_tier(self) -> dict:
+        """``evaluate`` over the users of each tier, by tier label: whose recommendations a
+        method serves well (a tier a method cannot train keeps its initial user vectors)."""
+        return {tier.label: self.evaluate(torch.nonzero(self.tier_of == t).flatten())
+                for t, tier in enumerate(self.tiers)}
 
     def _score_all(self, users: Tensor) -> Tensor:
         mlp = self.user_vectors["mlp"][users] if self.head is not None else None
