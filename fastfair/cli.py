@@ -583,14 +583,14 @@ def summary_table(runs: list, records: list, ks: tuple, popularity: Optional[dic
     compressed = any(run.config.compressor != "none" for run in runs)
     header = (["method", "tiers", "smallest tier", "rounds"]
               + [f"{n} {w}" for n in names for w in ("final", "best")]
-              + ["MB down+up"] + (["MB up", "item upload ratio"] if compressed else [])
+              + [f"{names[0]} final by tier"] + ["MB down+up"] + (["MB up", "item upload ratio"] if compressed else [])
               + ["notes"])
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for run in runs:
         mine = sorted((r for r in records if _key(r) == run.key), key=lambda r: r["round"])
         row = [run.label, run.config.tiers, fraction_label(run.smallest)]
         if run.not_run or not mine:
-            row += ["n/a"] * (1 + 2 * len(names) + 1 + 2 * compressed)
+            row += ["n/a"] * (1 + 2 * len(names) + 2 + 2 * compressed)
             row.append(f"n/a: {run.not_run}" if run.not_run else "no evaluation yet")
         else:
             last = mine[-1]
@@ -598,6 +598,8 @@ def summary_table(runs: list, records: list, ks: tuple, popularity: Optional[dic
             for name in names:
                 seen = [r["metrics"][name] for r in mine if r["metrics"].get(name) is not None]
                 row += [_number(last["metrics"].get(name)), _number(max(seen, default=None))]
+            row.append(", ".join(f"{tier}: {_number(m.get(names[0]))}"
+                                 for tier, m in last.get("metrics_by_tier", {}).items()))
             row.append(f"{(last['bytes_down_total'] + last['bytes_up_total']) / 1e6:.2f}")
             if compressed:
                 row.append(f"{last['bytes_up_total'] / 1e6:.2f}")
@@ -610,7 +612,7 @@ def summary_table(runs: list, records: list, ks: tuple, popularity: Optional[dic
         row = ["popularity (no training)", "", "", "0"]
         for name in names:
             row += [_number(popularity.get(name))] * 2
-        row += ["0.00"] + ["", ""] * compressed
+        row += ["", "0.00"] + ["", ""] * compressed
         row += ["items ranked by their number of training interactions"]
         lines.append("| " + " | ".join(_cell(c) for c in row) + " |")
     return "\n".join(lines)
@@ -618,7 +620,7 @@ def summary_table(runs: list, records: list, ks: tuple, popularity: Optional[dic
 
 def _write_summary(out: Path, title: str, table: str) -> None:
     text = (f"# {title}\n\n{table}\n\nfinal: the last evaluation; best: the best evaluation of "
-            f"the run; MB: bytes downloaded + uploaded by all clients over all rounds "
+            f"the run; by tier: the final metric over each tier's users; MB: bytes downloaded + uploaded by all clients over all rounds "
             f"(1 MB = 10^6 bytes; uploads counted exactly in bits, indices bit-packed); item "
             f"upload ratio: item-table bits uploaded / bits of uploading those tables whole "
             f"in float32. Per-evaluation records: `{RESULTS_FILE}`; settings: "

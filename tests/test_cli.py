@@ -81,6 +81,9 @@ def test_train_writes_config_results_summary_plot_and_checkpoint(tmp_path, capsy
     summary = (out / "summary.md").read_text()
     assert summary.startswith("# fastfair train on synthetic")
     assert f"{records[-1]['metrics']['ndcg@10']:.4f}" in summary
+    by_tier = records[-1]["metrics_by_tier"]
+    assert (f"1: {by_tier['1']['ndcg@5']:.4f}, 1/8: {by_tier['1/8']['ndcg@5']:.4f}"
+            in summary)
     assert _is_png(out / "plot.png")
     state = torch.load(out / "checkpoints" / "fair__2_0-3.pt", weights_only=True)
     assert state["round"] == 3
