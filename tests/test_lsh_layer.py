@@ -461,6 +461,10 @@ def test_federated_xc_runs_the_fair_round(tiny_xc):
             == sum(b[i] for b in stats["by_client"].values()) == trainer.totals[key]
         assert sum(b[i] for b in trainer.device_bytes) == trainer.totals[key]
     assert math.isfinite(stats["loss"])
+    tiers = trainer.tier_bytes()
+    assert tiers == {label: [sum(trainer.device_bytes[d][i] for d in devices) for i in (0, 1)]
+                     for label, devices in (("bits=5,tables=4,sketch=8,rehash=1", (0, 2)),
+                                            ("bits=4,tables=4,sketch=4,rehash=1", (1, 3)))}
     with pytest.raises(RuntimeError, match="centralised trainer"):
         XCTrainer(tr, te, XCConfig(hidden=16, backend="reference")).run_round()
 

@@ -386,6 +386,16 @@ class XCTrainer(RoundRunner):
             self.device_bytes[device][0] += down
             self.device_bytes[device][1] += up
 
+    def tier_bytes(self) -> dict:
+        """Bytes ``[down, up]`` so far, summed over the devices of each tier (by its label)."""
+        out: dict = {}
+        for device, (down, up) in enumerate(self.device_bytes):
+            label = self.tier_label(XCView(device % len(self.tiers), [], torch.empty(0), 0))
+            total = out.setdefault(label, [0, 0])
+            total[0] += down
+            total[1] += up
+        return out
+
     # ---------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict:
         state = {"format": CHECKPOINT_FORMAT, "config": dataclasses.asdict(self.cfg),
@@ -456,6 +466,7 @@ def train(train_data: XCData, test_data: XCData, cfg: XCConfig, on_eval=None,
                    "bytes_up": tr.totals["bytes_up"]}
             if cfg.devices > 1:
                 rec["bytes_by_device"] = [list(b) for b in tr.device_bytes]
+                rec["bytes_by_tier"] = tr.tier_bytes()
                 rec["dropped"], rec["rejected"] = tr.totals["dropped"], tr.totals["rejected"]
             records.append(rec)
             if on_eval is not None:
