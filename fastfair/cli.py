@@ -6,6 +6,8 @@ tier mixes on the same data and seeds. Both write to ``--out``:
 * ``config.json``: every setting (seeds included), the command lines, versions, the data summary
   and, per run, its full ``Config`` and ``FederatedRunner.describe()`` (tier sizes and bytes);
 * ``results.jsonl``: one JSON object per evaluation;
+* ``rounds.jsonl``: one JSON object per round (in-process runs): its clients, the bytes each
+  client downloaded and uploaded (``by_client``), per tier and in total, drops, rejections, loss;
 * ``summary.md``: method x tier mix -> final and best metrics, MB moved, rounds (also printed);
 * ``plot.png``: metric vs round, and final metric vs the smallest tier's capacity;
 * ``checkpoints/<method>__<tiers>.pt``: ``FederatedRunner.save`` every ``--checkpoint-every``
@@ -46,6 +48,7 @@ from .fl.tiers import fraction_label, parse_tiers
 ENGINES = ("inprocess", "flower")
 CONFIG_FILE = "config.json"
 RESULTS_FILE = "results.jsonl"
+ROUNDS_FILE = "rounds.jsonl"
 SUMMARY_FILE = "summary.md"
 PLOT_FILE = "plot.png"
 CHECKPOINT_DIR = "checkpoints"
@@ -464,16 +467,19 @@ def _prepare_out(args, out: Path, runs: list) -> None:
     ckpt_dir = out / CHECKPOINT_DIR
     if args.resume:
         starts = {run.key: run.start for run in runs}
-        kept = [r for r in _read_records(out / RESULTS_FILE)
-                if r["round"] <= starts.get(_key(r), -1)]
-        _write_atomic(out / RESULTS_FILE, "".join(json.dumps(r) + "\n" for r in kept))
+        # Lines of rounds after a run's checkpoint are redone by the resumed run.
+        for name in (RESULTS_FILE, ROUNDS_FILE):
+            kept = [r for r in _read_records(out / name)
+                    if r["round"] <= starts.get(_key(r), -1)]
+            _write_atomic(out / name, "".join(json.dumps(r) + "\n" for r in kept))
         return
     ckpt_dir.mkdir(parents=True, exist_ok=True)
-    for name in (CONFIG_FILE, RESULTS_FILE, SUMMARY_FILE, PLOT_FILE):
+    for name in (CONFIG_FILE, RESULTS_FILE, ROUNDS_FILE, SUMMARY_FILE, PLOT_FILE):
         (out / name).unlink(missing_ok=True)
     for stale in ckpt_dir.glob("*.pt"):
         stale.unlink()
     (out / RESULTS_FILE).touch()
+    (out / ROUNDS_FILE).touch()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -502,6 +508,15 @@ def _record(cfg: Config, totals: dict, stats: dict, metrics: dict, eval_seconds:
                                              "late") if k in totals},
         "seconds": stats["seconds"], "eval_seconds": eval_seconds,
     })
+
+
+def _round_record(cfg: Config, stats: dict) -> dict:
+    """One round's line of rounds.jsonl: ``by_client`` maps a client id to its bytes
+    ``[down, up]`` (a dropped client's up is 0)."""
+    return _plain({"method": cfg.method, "tiers": cfg.tiers, "compressor": cfg.compressor,
+                   **{k: stats[k] for k in ("round", "loss", "clients", "returned", "dropped",
+                                            "rejected", "rejections", "bytes_down", "bytes_up",
+                                            "by_tier", "by_client", "seconds")}})
 
 
 def _train_flower(run: _Run, data, out: Path, args) -> None:
@@ -541,9 +556,11 @@ def _train(run: _Run, data, out: Path, args, show_bar: bool) -> None:
     started = time.perf_counter()
     bar = tqdm(total=cfg.rounds, initial=runner.round_index, unit="round", leave=True,
                desc=f"{run.label} {cfg.tiers}", disable=not show_bar, dynamic_ncols=True)
-    with bar, open(out / RESULTS_FILE, "a") as results:
+    with bar, open(out / RESULTS_FILE, "a") as results, open(out / ROUNDS_FILE, "a") as per_round:
         while runner.round_index < cfg.rounds:
             stats = runner.run_round()
+            per_round.write(json.dumps(_round_record(cfg, stats)) + "\n")
+            per_round.flush()
             r = stats["round"]
             shown["loss"] = f"{stats['loss']:.4f}"
             if r % cfg.eval_every == 0 or r == cfg.rounds:

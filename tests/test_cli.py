@@ -17,8 +17,8 @@ TINY = ["--users", "40", "--items", "200", "-K", "5", "--quiet"]
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _records(out):
-    return [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+def _records(out, name="results.jsonl"):
+    return [json.loads(line) for line in (out / name).read_text().splitlines()]
 
 
 def _without_timing(records):
@@ -77,6 +77,15 @@ def test_train_writes_config_results_summary_plot_and_checkpoint(tmp_path, capsy
         assert r["seconds"] > 0 and r["dropped"] == r["rejected"] == 0
     first, last = records
     assert last["bytes_down_total"] > first["bytes_down_total"] >= first["bytes_down"]
+    rounds = _records(out, "rounds.jsonl")
+    assert [r["round"] for r in rounds] == [1, 2, 3]
+    for r in rounds:
+        per_client = r["by_client"]
+        assert len(per_client) == r["clients"] == 5  # TINY's -K
+        assert sum(b[0] for b in per_client.values()) == r["bytes_down"]
+        assert sum(b[1] for b in per_client.values()) == r["bytes_up"]
+        assert sum(t["bytes_up"] for t in r["by_tier"].values()) == r["bytes_up"]
+    assert sum(r["bytes_down"] for r in rounds) == last["bytes_down_total"]
 
     summary = (out / "summary.md").read_text()
     assert summary.startswith("# fastfair train on synthetic")
@@ -142,6 +151,8 @@ def test_resume_continues_bit_identically(tmp_path, monkeypatch, capsys):
     assert cli.main([*common, "--rounds", "4", "--out", broken, "--resume"]) == 0
 
     assert _without_timing(_records(broken)) == _without_timing(_records(straight))
+    assert _without_timing(_records(broken, "rounds.jsonl")) == \
+        _without_timing(_records(straight, "rounds.jsonl"))
     for name in ("fair__2_0-3.pt", "fedhm__2_0-3.pt"):
         a = torch.load(straight / "checkpoints" / name, weights_only=True)
         b = torch.load(broken / "checkpoints" / name, weights_only=True)
