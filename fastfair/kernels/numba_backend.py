@@ -1244,18 +1244,18 @@ def _lsh_fold_block(x, j0, nb, s, c, z, z2, rowbuf):
 
 
 @njit(cache=True)
-def _lsh_fold_one(x, s, c, out, blk):
-    """``out[j] = fold(x[j])`` for the rows of block ``blk``."""
-    n, d = x.shape
-    j0 = blk * LSH_BLOCK
-    nb = min(LSH_BLOCK, n - j0)
-    if c == d:
-        for j in range(j0, j0 + nb):
-            for i in range(d):
+def _lsh_block_sketch(x, s, c, fold, j0, nb, yt):
+    """``yt[i, r]`` = coordinate ``i`` of the sketch of row ``j0 + r`` (``r < nb``), neuron-minor:
+    ``fold(x[j])`` when ``fold`` and ``c < d``, else the signed row's first ``c`` coordinates."""
+    d = x.shape[1]
+    if not fold or c == d:
+        for r in range(np.uint64(nb)):
+            j = np.uint64(j0) + r
+            for i in range(np.uint64(c)):
                 if s is not None:
-                    out[j, i] = x[j, i] * s[i]
+                    yt[i, r] = x[j, i] * s[i]
                 else:
-                    out[j, i] = x[j, i]
+                    yt[i, r] = x[j, i]
         return
     sc = _lsh_fold_widths(d, c)[1]
     z = np.empty(LSH_BLOCK * sc, dtype=x.dtype)
@@ -1265,9 +1265,20 @@ def _lsh_fold_one(x, s, c, out, blk):
     uw = np.uint64(width)
     for r in range(np.uint64(nb)):
         o = r * uw
-        j = np.uint64(j0) + r
         for i in range(np.uint64(c)):
-            out[j, i] = buf[o + i]
+            yt[i, r] = buf[o + i]
+
+
+@njit(cache=True)
+def _lsh_fold_one(x, s, c, out, blk):
+    """``out[j] = fold(x[j])`` for the rows of block ``blk``."""
+    j0 = blk * LSH_BLOCK
+    nb = min(LSH_BLOCK, x.shape[0] - j0)
+    yt = np.empty((c, LSH_BLOCK), dtype=x.dtype)
+    _lsh_block_sketch(x, s, c, True, j0, nb, yt)
+    for r in range(nb):
+        for i in range(c):
+            out[j0 + r, i] = yt[i, r]
 
 
 @_parallel
@@ -1302,36 +1313,18 @@ def _lsh_pg_block(x, proj, s, fold, k, c, out, blk):
     multiply-adds (``contract``; no reassociation): within ``(c + 1) eps |proj_row| |y_j|`` of the
     exact value, so a bit can differ from the reference's float64 sign only for a dot product that
     close to 0."""
-    n, d = x.shape
+    n = x.shape[0]
     nrows = proj.shape[0]
     cp = proj.shape[1]
     ng = cp // _LSH_GROUP
     ntab = nrows // k
-    sc = _lsh_fold_widths(d, c)[1]
     zero = np.int32(0)
     yt = np.zeros((cp, LSH_BLOCK), dtype=x.dtype)
     acc = np.empty(LSH_BLOCK, dtype=x.dtype)
     code = np.empty(LSH_BLOCK, dtype=np.int32)
     j0 = blk * LSH_BLOCK
     nb = min(LSH_BLOCK, n - j0)
-    if not fold or c == d:
-        for r in range(np.uint64(nb)):
-            j = np.uint64(j0) + r
-            for i in range(np.uint64(c)):
-                if s is not None:
-                    yt[i, r] = x[j, i] * s[i]
-                else:
-                    yt[i, r] = x[j, i]
-    else:
-        z = np.empty(LSH_BLOCK * sc, dtype=x.dtype)
-        z2 = np.empty(LSH_BLOCK * sc, dtype=x.dtype)
-        rowbuf = np.empty(d, dtype=x.dtype)
-        buf, width = _lsh_fold_block(x, j0, nb, s, c, z, z2, rowbuf)
-        uw = np.uint64(width)
-        for r in range(np.uint64(nb)):
-            o = r * uw
-            for i in range(np.uint64(c)):
-                yt[i, r] = buf[o + i]
+    _lsh_block_sketch(x, s, c, fold, j0, nb, yt)
     for tab in range(ntab):
         code[:] = 0
         b = 0
