@@ -13,8 +13,9 @@ in one run on one machine:
    variants (``REFERENCES``): with the reference code's own optimizer,
    ``torch.optim.Adam(model.parameters(), lr=...)`` with torch's defaults (on CPU the
    per-tensor implementation), and with torch's fused Adam for every parameter (the fastest
-   dense Adam torch has; fastfair's runner steps its item tables with ``DeferredAdam``, the
-   same Adam touching only the rows a batch used, and the rest with fused Adam).
+   dense Adam torch has; fastfair's runner steps its large item tables with ``DeferredAdam``, the
+   same Adam touching only the rows a batch used, and the rest with ``ScatterAdam``, fused Adam
+   that scatters the small tables' sparse gradients in without a dense gradient).
 3. The peak resident memory of one 1/16-capacity client's local training (the user with the
    most interactions, one epoch) under each, each in a fresh interpreter, and the bytes that
    client holds.
@@ -45,7 +46,7 @@ from torch import Tensor, nn
 
 from fastfair.fl.data import InteractionData, load_dataset
 from fastfair.fl.model import ClientModel, Head
-from fastfair.fl.runner import (DEFERRED_MIN_ENTRIES, INIT_STD, Config, FederatedRunner,
+from fastfair.fl.runner import (INIT_STD, Config, FederatedRunner,
                                 client_optimizers)
 from fastfair.kernels import backends, numba_backend
 from fastfair.nn import HashedEmbedding
@@ -125,7 +126,7 @@ def train_client(model: ClientModel, items: Tensor, num_items: int, cfg: Config,
     negatives ``j`` per positive ``i`` redrawn every epoch: the loop of
     ``FederatedRunner.local_train`` for these settings. ``optimizer``: ``"default"``, torch's
     default Adam, as the reference code uses; ``"fused"``, torch's fused Adam; ``"fastfair"``,
-    the runner's (``DeferredAdam`` on the sparse-gradient tables, fused Adam on the rest).
+    the runner's (``fastfair.fl.runner.client_optimizers``).
     Returns the optimizers (their state is part of what the client holds)."""
     if optimizer == "fastfair":
         opts = client_optimizers(model, "adam", cfg.lr)
@@ -271,7 +272,7 @@ def _fastfair_client(num_items: int, dim: int, memory_size: int, seeds: dict, ar
     """The model ``FederatedRunner.download`` builds for a hashed device, from its arrays."""
     def make_table(name):
         table = HashedEmbedding(num_items, dim, memory_size=memory_size, seed=seeds[name],
-                                sparse=memory_size >= DEFERRED_MIN_ENTRIES)
+                                sparse=True)
         with torch.no_grad():
             table.weight.copy_(arrays[name])
         return table

@@ -17,6 +17,14 @@ of the model to ``torch.optim.Adam``; call ``flush()`` before reading or sending
 Like ``torch.optim.Adam`` it does not check gradients: a NaN or Inf propagates into the rows it
 touches (``fastfair.fl.runner`` rejects such updates).
 
+``ScatterAdam`` is ``torch.optim.Adam`` that also takes sparse gradients: every entry still
+moves every step (the same update as Adam's), but a sparse gradient is scattered into the moments
+by one kernel and never made dense, so a step holds nothing of the parameter's size beyond the
+parameter and its moments. Dense-gradient parameters step with torch's Adam itself, and the state
+and ``state_dict`` are ``torch.optim.Adam``'s (a checkpoint of one loads into the other). It is
+for tables too small for ``DeferredAdam``'s extra 4 bytes per row to pay: the tables of the
+devices with the least memory.
+
 ``LazyAdam`` is ``torch.optim.SparseAdam``'s rule (only the rows in the gradient move, their
 moments included; bias corrections from the parameter's own step count) run by one fused kernel
 per parameter instead of SparseAdam's chain of sparse-masked tensor ops. It is what
@@ -168,6 +176,55 @@ class DeferredAdam(_RowAdam):
                     self._rows(p.data), self._rows(state["exp_avg"]),
                     self._rows(state["exp_avg_sq"]), last, rows, None, t, step_size, inv,
                     b1, b2, group["eps"])
+
+
+class ScatterAdam(torch.optim.Adam):
+    """``torch.optim.Adam`` (``lr``, ``betas``, ``eps``, ``fused``) that also takes sparse
+    gradients (see the module doc); ``backend`` runs the sparse steps."""
+
+    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
+                 fused=None, backend: str = "auto"):
+        super().__init__(params, lr=lr, betas=betas, eps=eps, fused=fused)
+        backends.check_name(backend)
+        self.backend = backend  # not a group option: the state_dict stays torch's
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        sparse = [(group, p) for group in self.param_groups for p in group["params"]
+                  if p.grad is not None and p.grad.is_sparse]
+        grads = [p.grad for _, p in sparse]
+        for _, p in sparse:
+            p.grad = None  # torch's Adam refuses sparse gradients: it steps the dense ones
+        try:
+            super().step()
+        finally:
+            for (_, p), g in zip(sparse, grads):
+                p.grad = g
+        for group, p in sparse:
+            self._sparse_step(group, p)
+        return loss
+
+    def _sparse_step(self, group, p) -> None:
+        b1, b2 = group["betas"]
+        state = self.state[p]
+        if not state:  # the state torch's Adam creates
+            state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        state["step"] += 1
+        t = float(state["step"])
+        grad = p.grad.coalesce()
+        values = grad.values()
+        mod = backends.resolve(self.backend, p.device)
+        kernel = getattr(mod, "scatter_adam", reference.scatter_adam)
+        kernel(_RowAdam._rows(p.data), _RowAdam._rows(state["exp_avg"]),
+               _RowAdam._rows(state["exp_avg_sq"]), grad.indices()[0],
+               values.reshape(values.shape[0], -1).to(p.dtype).contiguous(),
+               group["lr"] / (1 - b1 ** t), 1 / math.sqrt(1 - b2 ** t), b1, b2, group["eps"])
 
 
 class LazyAdam(_RowAdam):

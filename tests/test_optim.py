@@ -1,10 +1,12 @@
-"""DeferredAdam: torch's Adam at the cost of the rows a step uses."""
+"""DeferredAdam: torch's Adam at the cost of the rows a step uses; ScatterAdam: torch's Adam fed
+sparse gradients without a dense one; LazyAdam: SparseAdam's rule, fused."""
 import pytest
 import torch
 
 from fastfair.kernels import backends
 from fastfair.nn import HashedEmbedding
-from fastfair.optim import DeferredAdam
+from fastfair.kernels import reference
+from fastfair.optim import DeferredAdam, ScatterAdam
 
 BACKENDS = ["reference", "numba"]
 
@@ -173,3 +175,85 @@ def test_lazy_adam_rejects_bad_arguments():
         LazyAdam(p, betas=(0.9, 1.0))
     with pytest.raises(TypeError, match="float32 or float64"):
         LazyAdam([torch.nn.Parameter(torch.zeros(3, dtype=torch.float16))])
+
+
+# ---------------------------------------------------------------- ScatterAdam
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_scatter_adam_is_torch_adam_on_sparse_and_dense_parameters(backend, dtype):
+    torch.manual_seed(5)
+    kw = dict(memory_size=97, chunk_size=1, seed=2)
+    dense_table = HashedEmbedding(300, 6, dtype=dtype, **kw)
+    sparse_table = HashedEmbedding(300, 6, sparse=True, dtype=dtype, **kw)
+    sparse_table.weight.data.copy_(dense_table.weight.data)
+    dense_emb = torch.nn.Embedding(41, 3, dtype=dtype)
+    sparse_emb = torch.nn.Embedding(41, 3, sparse=True, dtype=dtype)
+    sparse_emb.weight.data.copy_(dense_emb.weight.data)
+    head_a = torch.nn.Linear(6, 1, dtype=dtype)  # a dense-gradient parameter beside them
+    head_b = torch.nn.Linear(6, 1, dtype=dtype)
+    head_b.load_state_dict(head_a.state_dict())
+    opts = [torch.optim.Adam([*dense_table.parameters(), *dense_emb.parameters(),
+                              *head_a.parameters()], lr=0.02, betas=(0.8, 0.99), eps=1e-6),
+            ScatterAdam([*sparse_table.parameters(), *sparse_emb.parameters(),
+                         *head_b.parameters()], lr=0.02, betas=(0.8, 0.99), eps=1e-6,
+                        backend=backend)]
+    gen = torch.Generator().manual_seed(6)
+    batches = [(torch.randint(0, 300, (7,), generator=gen),
+                torch.randint(0, 41, (5,), generator=gen)) for _ in range(15)]
+    for (table, emb, head), opt in zip(((dense_table, dense_emb, head_a),
+                                        (sparse_table, sparse_emb, head_b)), opts):
+        g = torch.Generator().manual_seed(7)
+        for items, rows in batches:
+            opt.zero_grad(set_to_none=True)
+            loss = (head(table(items)).sum() * torch.randn((), generator=g, dtype=dtype)
+                    + (emb(rows) * torch.randn(5, 3, generator=g, dtype=dtype)).sum())
+            loss.backward()
+            opt.step()
+    assert sparse_table.weight.grad.is_sparse and sparse_emb.weight.grad.is_sparse
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-13)
+    for a, b in ((dense_table, sparse_table), (dense_emb, sparse_emb), (head_a, head_b)):
+        for pa, pb in zip(a.parameters(), b.parameters()):
+            torch.testing.assert_close(pb, pa, **tol)
+    # The state is torch's Adam's: it loads into torch's optimizer and steps on alike.
+    state = opts[1].state_dict()
+    plain = torch.optim.Adam([*sparse_table.parameters(), *sparse_emb.parameters(),
+                              *head_b.parameters()], lr=0.02)
+    plain.load_state_dict(state)
+    assert [s["step"].item() for s in plain.state_dict()["state"].values()] == [15.0] * 4
+    back = ScatterAdam([*sparse_table.parameters(), *sparse_emb.parameters(),
+                        *head_b.parameters()], backend=backend)
+    back.load_state_dict(opts[0].state_dict())
+    for s, t in zip(back.state.values(), opts[0].state.values()):
+        assert torch.equal(s["exp_avg"], t["exp_avg"])
+
+
+@pytest.mark.parametrize("rows,width", [(1, 1), (17, 1), (33, 3), (64, 8), (2, 13)])
+def test_scatter_adam_kernel_matches_the_reference(rows, width):
+    gen = torch.Generator().manual_seed(rows * width)
+    p = torch.randn(rows, width, generator=gen)
+    m = torch.randn(rows, width, generator=gen) * 0.1
+    v = torch.rand(rows, width, generator=gen) * 0.01
+    if rows > 1:  # a row whose moments are still zero
+        v[-1] = 0
+        m[-1] = 0
+    used = torch.randperm(rows, generator=gen)[:max(1, rows // 3)]
+    grad = torch.randn(used.numel(), width, generator=gen)
+    grad[0, 0] = 0  # a zero entry in the gradient
+    nb = backends.load("numba")
+    out = {}
+    for name, kernel in (("reference", reference.scatter_adam), ("numba", nb.scatter_adam)):
+        state = [t.clone() for t in (p, m, v)]
+        kernel(*state, used, grad, 0.013, 1.7, 0.9, 0.999, 1e-8)
+        out[name] = state
+    for a, b in zip(out["numba"], out["reference"]):
+        torch.testing.assert_close(a, b, rtol=2e-6, atol=1e-7)
+    assert bool((out["numba"][2] >= 0).all())  # no mark left behind in v
+    assert not torch.equal(out["numba"][0], p)
+
+
+def test_scatter_adam_rejects_bad_arguments():
+    w = torch.nn.Parameter(torch.zeros(3))
+    with pytest.raises(ValueError, match="Invalid learning rate"):
+        ScatterAdam([w], lr=-1)
+    with pytest.raises(ValueError, match="unknown backend|backend"):
+        ScatterAdam([w], backend="nope")

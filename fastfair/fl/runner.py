@@ -53,7 +53,7 @@ from torch import Tensor, nn
 from .. import aggregate, expand_dense, project_dense, slot_counts
 from ..kernels.functional import HashSpec
 from ..nn import HashedEmbedding
-from ..optim import DeferredAdam
+from ..optim import DeferredAdam, ScatterAdam
 from . import metrics
 from .data import InteractionData
 from .compress import (COMPRESSORS, Compressor, Received, action_bits, doubling_grid,
@@ -81,11 +81,12 @@ INIT_STD = 0.01
 # Seeds of the inconsistent ablation: far from the shared seed so no device reuses it.
 INCONSISTENT_SEED_BASE = 1 << 20
 CHECKPOINT_FORMAT = 1
-# Item tables of at least this many parameters train with DeferredAdam (sparse gradients), the
-# smaller ones with dense fused Adam. A dense step costs ~1 ns per entry here, a deferred one
-# ~3 ns per entry used and per step it replays: on Goodreads-100 (8,192 entries used per step,
-# a few steps replayed) they break even near 300k entries, and below that DeferredAdam's
-# 4 bytes per row would only add memory to the devices that have least.
+# Item tables (sparse gradients under Adam) of at least this many parameters train with
+# DeferredAdam, the smaller ones with ScatterAdam (Adam's dense step, the gradient scattered in,
+# never made dense). A dense step costs ~1 ns per entry here, a deferred one ~3 ns per entry used
+# and per step it replays: on Goodreads-100 (8,192 entries used per step, a few steps replayed)
+# they break even near 300k entries, and below that DeferredAdam's 4 bytes per row would only add
+# memory to the devices that have least.
 DEFERRED_MIN_ENTRIES = 1 << 19
 # Device classes are drawn from their own stream so a profile does not change which clients train.
 PROFILE_SEED = 7919
@@ -429,8 +430,7 @@ class FederatedRunner(RoundRunner):
             spec = view.specs[name]
             table = self.tables[name]
             if spec is None:
-                return nn.Embedding.from_pretrained(table.clone(), freeze=False,
-                                                    sparse=adam and _deferred(n * d))
+                return nn.Embedding.from_pretrained(table.clone(), freeze=False, sparse=adam)
             if isinstance(spec, LowRank):
                 module = LowRankEmbedding(n, d, spec.rank)
                 left, right = self._factors(name, spec.rank)
@@ -445,8 +445,7 @@ class FederatedRunner(RoundRunner):
                 return module
             module = HashedEmbedding(n, d, memory_size=spec.memory_size,
                                      chunk_size=spec.chunk_size, seed=spec.seed,
-                                     signed=spec.signed,
-                                     sparse=adam and _deferred(spec.memory_size))
+                                     signed=spec.signed, sparse=adam)
             with torch.no_grad():
                 module.weight.copy_(self._projection(name, spec))
             return module
@@ -876,14 +875,18 @@ def client_optimizers(model: nn.Module, kind: str, lr: float) -> list:
     """The client's optimizers. Adam: the large item tables (sparse gradients, see
     ``DEFERRED_MIN_ENTRIES``) step with ``DeferredAdam``, which equals Adam but touches only the
     rows a batch used; a dense Adam step rewrites every entry of a device's table, which made it
-    the bulk of a round. Everything else steps with fused Adam. SGD: one fused SGD."""
+    the bulk of a round. Everything else steps with ``ScatterAdam``: fused Adam, the small tables'
+    sparse gradients scattered into their moments without a dense gradient (its state is
+    ``torch.optim.Adam``'s, so the optimizer states of earlier checkpoints load). SGD: one fused
+    SGD."""
     if kind == "sgd":
         return [torch.optim.SGD(model.parameters(), lr=lr, fused=True)]
-    tables = [m.weight for m in model.modules() if getattr(m, "sparse", False)]
+    tables = [m.weight for m in model.modules()
+              if getattr(m, "sparse", False) and _deferred(m.weight.numel())]
     ids = {id(p) for p in tables}
     rest = [p for p in model.parameters() if id(p) not in ids]
     return ([DeferredAdam(tables, lr=lr)] if tables else []) + \
-        [torch.optim.Adam(rest, lr=lr, fused=True)]
+        [ScatterAdam(rest, lr=lr, fused=True)]
 
 
 def _dense(table):

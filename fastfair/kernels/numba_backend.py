@@ -1111,6 +1111,46 @@ def _coalesce_rows(rows, vals, last, out_rows, out_vals, saved):
 
 
 @_parallel
+def _scatter_adam_rows(m, v, rows, g, b1, b2, c1, c2):
+    for e in prange(rows.size):
+        r = rows[e]
+        for j in range(m.shape[1]):
+            gj = g[e, j]
+            m[r, j] = b1 * m[r, j] + c1 * gj
+            # Negated: marks the element as stepped for _scatter_adam_all (negation is exact; a
+            # new v of 0 needs no mark, its row has m = 0 and decaying it changes nothing).
+            v[r, j] = -(b2 * v[r, j] + c2 * gj * gj)
+
+
+@_parallel
+def _scatter_adam_all(p, m, v, b1, b2, step_size, inv_bc2, eps):
+    for r in prange(p.shape[0]):
+        for j in range(p.shape[1]):
+            vj = v[r, j]
+            if vj < 0:
+                vj = -vj
+            else:
+                m[r, j] *= b1
+                vj *= b2
+            v[r, j] = vj
+            p[r, j] -= step_size * m[r, j] / (np.sqrt(vj) * inv_bc2 + eps)
+
+
+def scatter_adam(param, exp_avg, exp_avg_sq, rows, grad, step_size, inv_bc2_sqrt, beta1, beta2,
+                 eps):
+    """See ``reference.scatter_adam``: the gradient's rows in one pass, then every element in one
+    streaming pass, with no dense gradient or other temporary of the parameter's size."""
+    dt = param.numpy().dtype.type
+    b1, b2 = dt(beta1), dt(beta2)
+    if rows.numel():
+        _scatter_adam_rows(_serial(rows.numel() * param.shape[1]), exp_avg.numpy(),
+                           exp_avg_sq.numpy(), rows.numpy(), grad.contiguous().numpy(), b1, b2,
+                           dt(1 - beta1), dt(1 - beta2))
+    _scatter_adam_all(_serial(param.numel()), param.numpy(), exp_avg.numpy(), exp_avg_sq.numpy(),
+                      b1, b2, dt(step_size), dt(inv_bc2_sqrt), dt(eps))
+
+
+@_parallel
 def _lazy_adam(p, m, v, rows, g, step_size, c1, c2, eps):
     for e in prange(rows.size):
         r = rows[e]

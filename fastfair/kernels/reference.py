@@ -451,6 +451,23 @@ def lsh_softmax_loss(logits, tgt_offsets, tgt_pos):
     return loss.to(logits.dtype), grad.to(logits.dtype)
 
 
+# ---------------------------------------------------------------- scatter Adam (fastfair.optim)
+def scatter_adam(param, exp_avg, exp_avg_sq, rows, grad, step_size, inv_bc2_sqrt, beta1, beta2,
+                 eps):
+    """One ``torch.optim.Adam`` step of ``[R, w]`` state whose gradient ``G`` is zero except on
+    rows ``rows`` (distinct), where it is ``grad [len(rows), w]``. Every element moves::
+
+        m <- b1 m + (1 - b1) G,  v <- b2 v + (1 - b2) G^2,
+        p <- p - step_size m / (sqrt(v) inv_bc2_sqrt + eps)
+
+    with ``step_size = lr / (1 - b1^t)`` and ``inv_bc2_sqrt = 1 / sqrt(1 - b2^t)``."""
+    exp_avg.mul_(beta1)
+    exp_avg_sq.mul_(beta2)
+    exp_avg.index_add_(0, rows, grad, alpha=1 - beta1)
+    exp_avg_sq.index_add_(0, rows, grad * grad, alpha=1 - beta2)
+    param.addcdiv_(exp_avg, exp_avg_sq.sqrt().mul_(inv_bc2_sqrt).add_(eps), value=-step_size)
+
+
 # ---------------------------------------------------------------- lazy Adam (fastfair.optim)
 def lazy_adam(param, exp_avg, exp_avg_sq, rows, grad, step_size, beta1, beta2, eps):
     """``torch.optim.SparseAdam``'s update of rows ``rows`` (distinct) of ``[R, w]`` state with
