@@ -50,7 +50,7 @@ from fastfair.fl.runner import (INIT_STD, Config, FederatedRunner,
                                 client_optimizers)
 from fastfair.kernels import backends, numba_backend
 from fastfair.nn import HashedEmbedding
-from fastfair.optim import DeferredAdam
+from fastfair.optim import DeferredAdam, ScatterAdam
 
 HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -291,18 +291,25 @@ def _build_client(impl: str, p: dict, num_items: int, memory_size: int) -> Clien
 
 
 def _warm_parallel_optimizer() -> None:
-    """Load DeferredAdam's parallel Numba build, which the tiny warm-up client is too small to
-    launch (``numba_backend.PARALLEL_MIN_WORK``): loading compiled code is a once-per-process
-    cost, not the client's."""
+    """Load the optimizers' parallel Numba builds (DeferredAdam's, ScatterAdam's), which the tiny
+    warm-up client is too small to launch (``numba_backend.PARALLEL_MIN_WORK``): loading compiled
+    code is a once-per-process cost, not the client's."""
     size = 2 * numba_backend.PARALLEL_MIN_WORK
+
+    def one_hot():
+        return torch.sparse_coo_tensor(torch.zeros(1, 1, dtype=torch.int64), torch.ones(1),
+                                       (size,), check_invariants=True)
+
     weight = nn.Parameter(torch.zeros(size))
     opt = DeferredAdam([weight])
     weight.grad = torch.ones(size)
     opt.step()  # every row: the parallel step
-    weight.grad = torch.sparse_coo_tensor(torch.zeros(1, 1, dtype=torch.int64), torch.ones(1),
-                                          (size,), check_invariants=True)
+    weight.grad = one_hot()
     opt.step()
     opt.flush()  # every other row missed a step: the parallel replay
+    scatter = ScatterAdam([weight], fused=True)
+    weight.grad = one_hot()
+    scatter.step()  # the pass over every entry is parallel at this size
 
 
 def _memory_child(payload_path: str, impl: str) -> None:
