@@ -40,6 +40,15 @@ from .kernels import backends
 from .kernels import reference
 
 
+def _closure_loss(closure):
+    """The loss ``closure`` returns, evaluated with gradients on as torch's optimizers do (None
+    without a closure)."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
+
+
 class _RowAdam(torch.optim.Optimizer):
     """What the Adam variants below share: checked hyperparameters, float parameters seen as
     ``[rows, w]``, each parameter's gradient as (rows, their values), and the step loop, which
@@ -90,10 +99,7 @@ class _RowAdam(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = _closure_loss(closure)
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is not None:
@@ -190,10 +196,7 @@ class ScatterAdam(torch.optim.Adam):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = _closure_loss(closure)
         sparse = [(group, p) for group in self.param_groups for p in group["params"]
                   if p.grad is not None and p.grad.is_sparse]
         grads = [p.grad for _, p in sparse]
