@@ -40,6 +40,16 @@ from .kernels import backends
 from .kernels import reference
 
 
+def _check_row_sparse(p) -> None:
+    """A sparse gradient must be row-sparse (one sparse dimension, what
+    ``torch.nn.Embedding(sparse=True)`` and ``HashedEmbedding(sparse=True)`` give): the kernels
+    take whole rows."""
+    if p.grad.sparse_dim() != 1:
+        raise ValueError(f"sparse gradients must have one sparse dimension (rows), got "
+                         f"sparse_dim={p.grad.sparse_dim()} for a parameter of shape "
+                         f"{tuple(p.shape)}")
+
+
 def _closure_loss(closure):
     """The loss ``closure`` returns, evaluated with gradients on as torch's optimizers do (None
     without a closure)."""
@@ -94,6 +104,7 @@ class _RowAdam(torch.optim.Optimizer):
     def _grad_rows(self, group, p):
         """The rows of ``p.grad`` and their values ``[rows, w]`` (every row of a dense one)."""
         if p.grad.is_sparse:
+            _check_row_sparse(p)
             return self._sparse_rows(group, p)
         return torch.arange(self._rows(p).shape[0], device=p.device), self._rows(p.grad)
 
@@ -199,6 +210,8 @@ class ScatterAdam(torch.optim.Adam):
         loss = _closure_loss(closure)
         sparse = [(group, p) for group in self.param_groups for p in group["params"]
                   if p.grad is not None and p.grad.is_sparse]
+        for _, p in sparse:  # before anything moves
+            _check_row_sparse(p)
         grads = [p.grad for _, p in sparse]
         for _, p in sparse:
             p.grad = None  # torch's Adam refuses sparse gradients: it steps the dense ones

@@ -6,7 +6,7 @@ import torch
 from fastfair.kernels import backends
 from fastfair.nn import HashedEmbedding
 from fastfair.kernels import reference
-from fastfair.optim import DeferredAdam, ScatterAdam
+from fastfair.optim import DeferredAdam, LazyAdam, ScatterAdam
 
 BACKENDS = ["reference", "numba"]
 
@@ -135,7 +135,6 @@ def test_state_round_trip_keeps_deferred_rows_exact():
 @pytest.mark.parametrize("backend", ["reference", "numba"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_lazy_adam_is_sparse_adam(backend, dtype):
-    from fastfair.optim import LazyAdam
     if backends.why_not(backend, torch.device("cpu")):
         pytest.skip(backends.why_not(backend, torch.device("cpu")))
     g = torch.Generator().manual_seed(3)
@@ -249,6 +248,18 @@ def test_scatter_adam_kernel_matches_the_reference(rows, width):
         torch.testing.assert_close(a, b, rtol=2e-6, atol=1e-7)
     assert bool((out["numba"][2] >= 0).all())  # no mark left behind in v
     assert not torch.equal(out["numba"][0], p)
+
+
+@pytest.mark.parametrize("cls", [ScatterAdam, DeferredAdam, LazyAdam])
+def test_sparse_gradients_must_be_row_sparse(cls):
+    w = torch.nn.Parameter(torch.randn(4, 3))
+    opt = cls([w])
+    w.grad = torch.sparse_coo_tensor(torch.tensor([[0, 2], [1, 0]]), torch.ones(2), (4, 3))
+    before = w.detach().clone()
+    with pytest.raises(ValueError, match=r"one sparse dimension \(rows\), got sparse_dim=2 "
+                                         r"for a parameter of shape \(4, 3\)"):
+        opt.step()
+    assert torch.equal(w.detach(), before)
 
 
 def test_scatter_adam_rejects_bad_arguments():
