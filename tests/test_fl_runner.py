@@ -1,5 +1,4 @@
 """The federated runner: aggregation, privacy of user state, memory of small devices, bytes."""
-import dataclasses
 
 import pytest
 import torch

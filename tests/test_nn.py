@@ -1,5 +1,4 @@
 """The drop-in modules: torch semantics, consistency of collapse, checkpoints, devices, compile."""
-import io
 import os
 
 import pytest
@@ -10,7 +9,7 @@ import fastfair
 from fastfair.kernels import backends
 from fastfair.nn import HashedEmbedding, HashedEmbeddingBag
 
-from testing import TOL, backend_params, make_bags, rand, virtual_table
+from testing import TOL, backend_params, make_bags, rand
 
 BACKENDS = backend_params()
 
