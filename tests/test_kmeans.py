@@ -9,7 +9,7 @@ import torch
 
 from fastfair.kernels import backends, kmeans as km
 import testing
-from testing import DTYPES, TOL, assert_close_to_fp64, rand
+from testing import DTYPES, TOL, assert_close_to_fp64, gen, rand
 
 numba_backend = backends.load("numba")
 needs_numba = pytest.mark.skipif(
@@ -25,10 +25,6 @@ def op_params(op):
 def small(backend, shapes):
     """The Triton interpreter is slow: it gets the shapes of at most 300 rows."""
     return [s for s in shapes if backend != "triton" or s[0] <= 300]
-
-
-def gen(seed=0):
-    return torch.Generator().manual_seed(seed)
 
 
 def dist64(x, c):

@@ -12,10 +12,7 @@ from fastfair.cli import main as cli_main
 from fastfair.fl.pghash import XCConfig, XCNet, XCTrainer, evaluate, train
 from fastfair.fl.xc import synthetic_xc
 from fastfair.nn import LSHFamily, LSHOutputLayer
-
-
-def gen(seed=0):
-    return torch.Generator().manual_seed(seed)
+from testing import gen
 
 
 def labels_csr(batch, n, g, max_labels=3):

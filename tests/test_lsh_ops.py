@@ -11,7 +11,7 @@ import torch
 
 from fastfair.kernels import backends, hashing, lsh, reference
 import testing
-from testing import DTYPES, TOL, assert_close_to_fp64, rand
+from testing import DTYPES, TOL, assert_close_to_fp64, gen, rand
 
 CPU = torch.device("cpu")
 NUMBA_WHY = backends.why_not("numba", CPU)
@@ -27,10 +27,6 @@ def op_params(*ops):
 
 def sizes(backend, ns):
     return [n for n in ns if backend != "triton" or n <= TRITON_ROWS]
-
-
-def gen(seed=0):
-    return torch.Generator().manual_seed(seed)
 
 
 def signs_of(d, g, dtype, device):

@@ -6,16 +6,12 @@ import pytest
 import torch
 
 from fastfair.kernels import backends, lsh, reference as ref
-from testing import DTYPES, assert_close_to_fp64, rand
+from testing import DTYPES, assert_close_to_fp64, gen, rand
 
 CPU = torch.device("cpu")
 WHY = backends.why_not("triton", CPU)
 pytestmark = pytest.mark.skipif(bool(WHY), reason=f"triton on cpu: {WHY}")
 tb = backends.load("triton")
-
-
-def gen(seed):
-    return torch.Generator().manual_seed(seed)
 
 
 def signs_for(d, g, dtype):

@@ -67,6 +67,11 @@ def make_bags(num_embeddings: int, lengths, gen: torch.Generator, index_dtype=to
     return indices.to(device), offsets.to(device)
 
 
+def gen(seed: int = 0) -> torch.Generator:
+    """A fresh CPU generator seeded with ``seed``."""
+    return torch.Generator().manual_seed(seed)
+
+
 def rand(shape, gen: torch.Generator, dtype=torch.float32, device="cpu"):
     """Fresh N(0, 1) values, never zeros."""
     return torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype).to(device)
