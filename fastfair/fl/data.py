@@ -92,6 +92,21 @@ def _csr_from_keys(keys, num_users, num_items):
     return indptr, keys % num_items
 
 
+def _check_csr_bounds(what: str, indptr: np.ndarray, ids_name: str, ids: np.ndarray,
+                      bound: int, row: str) -> None:
+    """What every CSR here must satisfy: ``{what}_indptr`` runs from 0 to ``len(ids)`` without
+    decreasing (a decrease is reported at its ``row``, e.g. "user"), every id in ``[0, bound)``."""
+    if indptr[0] != 0 or indptr[-1] != ids.size:
+        raise ValueError(f"{what}_indptr must run from 0 to {ids.size} (len({ids_name})), "
+                         f"got {indptr[0]} .. {indptr[-1]}")
+    drops = np.flatnonzero(np.diff(indptr) < 0)
+    if drops.size:
+        raise ValueError(f"{what}_indptr decreases at {row} {drops[0]}")
+    bad = np.flatnonzero((ids < 0) | (ids >= bound))
+    if bad.size:
+        raise ValueError(f"{ids_name}[{bad[0]}] = {ids[bad[0]]} out of range [0, {bound})")
+
+
 def _keys_from_csr(indptr, items, num_items):
     users = np.repeat(np.arange(indptr.size - 1, dtype=np.int64), np.diff(indptr))
     return users * num_items + items
@@ -304,16 +319,7 @@ class InteractionData:
                              f"got {tuple(indptr.shape)}")
         if items.ndim != 1:
             raise ValueError(f"{what}_items must be 1-D, got shape {tuple(items.shape)}")
-        if indptr[0] != 0 or indptr[-1] != items.size:
-            raise ValueError(f"{what}_indptr must run from 0 to {items.size} "
-                             f"(len({what}_items)), got {indptr[0]} .. {indptr[-1]}")
-        drops = np.flatnonzero(np.diff(indptr) < 0)
-        if drops.size:
-            raise ValueError(f"{what}_indptr decreases at user {drops[0]}")
-        bad = np.flatnonzero((items < 0) | (items >= self.num_items))
-        if bad.size:
-            raise ValueError(f"{what}_items[{bad[0]}] = {items[bad[0]]} out of range "
-                             f"[0, {self.num_items})")
+        _check_csr_bounds(what, indptr, f"{what}_items", items, self.num_items, "user")
         keys = _keys_from_csr(indptr, items, self.num_items)
         unsorted = np.flatnonzero(np.diff(keys) <= 0)
         if unsorted.size:

@@ -65,7 +65,7 @@ def _check_ks(ks: Union[int, Sequence[int]], letter: str = "K") -> Tuple[int, ..
 
 def _check_index(name: str, t, dim: int) -> Tensor:
     if not isinstance(t, Tensor):
-        raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"{name} must be an int32 or int64 tensor, got {t.dtype}")
     if t.dim() != dim:

@@ -33,8 +33,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .data import _check_float, _check_int, _check_path
-from .metrics import _check_ks
+from .data import _check_csr_bounds, _check_float, _check_int, _check_path
+from .metrics import _check_index, _check_ks
 
 __all__ = ["XCBatch", "XCData", "load_xc", "load_xc_split", "precision_at_k", "synthetic_xc"]
 
@@ -73,16 +73,6 @@ def _check_bool(name, value):
     if not isinstance(value, bool):
         raise TypeError(f"{name} must be a bool, got {value!r} ({type(value).__name__})")
     return value
-
-
-def _check_index_tensor(name, value, dim):
-    if not isinstance(value, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
-    if value.dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"{name} must be an int32 or int64 tensor, got {value.dtype}")
-    if value.dim() != dim:
-        raise ValueError(f"{name} must be {dim}-D, got shape {tuple(value.shape)}")
-    return value.long()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -194,15 +184,7 @@ class XCData:
     @staticmethod
     def _check_csr(what, indptr, ids_name, ids, bound):
         indptr, ids = indptr.numpy(), ids.numpy()
-        if indptr[0] != 0 or indptr[-1] != ids.size:
-            raise ValueError(f"{what}_indptr must run from 0 to {ids.size} (len({ids_name})), "
-                             f"got {indptr[0]} .. {indptr[-1]}")
-        drops = np.flatnonzero(np.diff(indptr) < 0)
-        if drops.size:
-            raise ValueError(f"{what}_indptr decreases at point {drops[0]}")
-        bad = np.flatnonzero((ids < 0) | (ids >= bound))
-        if bad.size:
-            raise ValueError(f"{ids_name}[{bad[0]}] = {ids[bad[0]]} out of range [0, {bound})")
+        _check_csr_bounds(what, indptr, ids_name, ids, bound, "point")
         row_start = np.zeros(ids.size, dtype=bool)
         row_start[indptr[:-1][np.diff(indptr) > 0]] = True
         unsorted = np.flatnonzero((np.diff(ids) <= 0) & ~row_start[1:])
@@ -215,7 +197,7 @@ class XCData:
         return self.feat_indptr.numel() - 1
 
     def _points(self, idx):
-        idx = _check_index_tensor("idx", idx, 1)
+        idx = _check_index("idx", idx, 1)
         if idx.device.type != "cpu":
             raise ValueError(f"idx must live on the CPU, got device {idx.device}")
         n = len(self)
@@ -660,9 +642,9 @@ def precision_at_k(topk: Tensor, label_offsets: Tensor, label_ids: Tensor,
     the true labels (``M`` is above every id).
     """
     ks = _check_ks(ks, letter="k")
-    topk = _check_index_tensor("topk", topk, 2)
-    label_offsets = _check_index_tensor("label_offsets", label_offsets, 1)
-    label_ids = _check_index_tensor("label_ids", label_ids, 1)
+    topk = _check_index("topk", topk, 2)
+    label_offsets = _check_index("label_offsets", label_offsets, 1)
+    label_ids = _check_index("label_ids", label_ids, 1)
     b, width = topk.shape
     if width < ks[-1]:
         raise ValueError(f"topk has {width} columns, fewer than the largest k = {ks[-1]}")
