@@ -280,7 +280,10 @@ class XCTrainer(RoundRunner):
         return super().run_round()
 
     def tier_label(self, view: XCView) -> str:
-        t = self.tiers[view.tier]
+        return self._tier_name(view.tier)
+
+    def _tier_name(self, tier: int) -> str:
+        t = self.tiers[tier]
         return (f"bits={t['bits']},tables={t['tables']},sketch={t['sketch_dim']},"
                 f"rehash={t['rehash_every']}")
 
@@ -390,8 +393,7 @@ class XCTrainer(RoundRunner):
         """Bytes ``[down, up]`` so far, summed over the devices of each tier (by its label)."""
         out: dict = {}
         for device, (down, up) in enumerate(self.device_bytes):
-            label = self.tier_label(XCView(device % len(self.tiers), [], torch.empty(0), 0))
-            total = out.setdefault(label, [0, 0])
+            total = out.setdefault(self._tier_name(device % len(self.tiers)), [0, 0])
             total[0] += down
             total[1] += up
         return out
