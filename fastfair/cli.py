@@ -103,6 +103,10 @@ _HELP = {
                "simulated round times and the deadline)",
     "deadline": "simulated round deadline in seconds (0: the profile's)",
     "server_lr": "server learning rate: move this far towards the aggregate",
+    "refit_epochs": "serve users with vectors refit to the global model by this many Adam "
+                    "steps (0: their private training vectors)",
+    "refit_lr": "learning rate of the serving refit",
+    "refit_sample": "positives per user the serving refit uses (0: all)",
 }
 _CONFIG_FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 _SYNTHETIC = {k: p.default for k, p in inspect.signature(synthetic).parameters.items()}

@@ -288,6 +288,9 @@ def test_training_learns_on_the_synthetic_default(data):
     (dict(optimizer_state="shared"), "optimizer_state must be one of"),
     (dict(seed=-1), "seed must be a non-negative int"),
     (dict(lr=0), "lr must be a positive number"),
+    (dict(refit_lr=float("nan")), "refit_lr must be a positive number, got nan"),
+    (dict(refit_epochs=-1), "refit_epochs must be a non-negative int, got -1"),
+    (dict(refit_sample=True), "refit_sample must be a non-negative int, got True"),
     (dict(rounds=0), "rounds must be a positive int"),
     (dict(tiers="2:"), "tier spec '2:'"),
 ])

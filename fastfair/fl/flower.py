@@ -72,7 +72,7 @@ except ImportError as err:  # pragma: no cover - exercised only without the extr
 import torch
 from torch import Tensor
 
-from . import metrics
+from . import metrics, serve
 from .compress import Encoded, Received
 from .data import DATASETS, InteractionData, load_dataset
 from .model import Head, score, score_all_items
@@ -387,7 +387,8 @@ class FairStrategy(Strategy):
             return []
         self._eval_started = time.perf_counter()
         model = _global_arrays(self.runner)
-        return [Message(RecordDict({GLOBAL: model, TASK: ConfigRecord({"user": user})}),
+        return [Message(RecordDict({GLOBAL: model,
+                                    TASK: ConfigRecord({"user": user, "round": server_round})}),
                         dst_node_id=self.node_of[user], message_type=MessageType.EVALUATE,
                         group_id=str(server_round))
                 for user in self.data.test_users().tolist()]
@@ -554,17 +555,24 @@ class Device:
             head.load_state_dict({k[5:]: v for k, v in state.items() if k.startswith("head.")})
         result = user_metrics(self.data, self.cfg, user, self._vectors(context, user),
                               {k: v for k, v in state.items() if not k.startswith("head.")},
-                              head)
+                              head, round_index=int(msg.content[TASK].get("round", 0)))
         return Message(RecordDict({METRICS: MetricRecord(
             {k: float(v) for k, v in result.items()})}), reply_to=msg)
 
 
 def user_metrics(data: InteractionData, cfg: Config, user: int, vectors: dict, tables: dict,
-                 head: Optional[Head]) -> dict:
+                 head: Optional[Head], round_index: int = 0) -> dict:
     """``FederatedRunner.evaluate``'s metrics for one user: its vectors ``vectors`` (``gmf``,
-    ``mlp``) against the global ``tables`` and ``head``, on the data's test protocol."""
+    ``mlp``) against the global ``tables`` and ``head``, on the data's test protocol. With
+    ``cfg.refit_epochs`` the device first refits its serving vectors to the global model as
+    the runner does after ``round_index`` rounds (``fastfair.fl.serve``)."""
     users = torch.tensor([user])
     arch, ks = cfg.arch, tuple(cfg.ks)
+    if cfg.refit_epochs:
+        vectors = {k: v[0] for k, v in serve.refit(
+            data, users, tables, head, arch=arch, loss=cfg.loss,
+            negatives_per_positive=cfg.negatives, epochs=cfg.refit_epochs, lr=cfg.refit_lr,
+            sample=cfg.refit_sample, key=serve.stream_key(cfg.seed, round_index)).items()}
     gmf = vectors["gmf"][None]
     mlp = vectors["mlp"][None] if arch == "neumf" else None
     if data.protocol == "loo":

@@ -54,7 +54,7 @@ from .. import aggregate, expand_dense, project_dense, slot_counts
 from ..kernels.functional import HashSpec
 from ..nn import HashedEmbedding
 from ..optim import DeferredAdam, ScatterAdam
-from . import metrics
+from . import metrics, serve
 from .data import InteractionData
 from .compress import (COMPRESSORS, Compressor, Received, action_bits, doubling_grid,
                        reference_bits)
@@ -122,6 +122,11 @@ class Config:
     ``fastfair.fl.profiles.PROFILES`` or a JSON file) also gives every round its simulated time.
     ``server_lr``: the server moves ``eta`` of the way to the aggregate,
     ``W <- W + eta (aggregate - W)``.
+
+    Serving (``fastfair.fl.serve``): with ``refit_epochs`` > 0 every user is evaluated with
+    vectors refit to the current global model (``refit_epochs`` full-batch Adam steps at
+    ``refit_lr`` from zero, on at most ``refit_sample`` of its positives, 0: all) instead of its
+    private training vectors, which training keeps as they are. It applies to every method alike.
     """
 
     method: str = "fair"
@@ -156,6 +161,9 @@ class Config:
     profile: str = ""
     deadline: float = 0.0
     server_lr: float = 1.0
+    refit_epochs: int = 0
+    refit_lr: float = 0.01
+    refit_sample: int = 256
 
     def check(self, data: InteractionData) -> None:
         """A clear ValueError for the first bad setting."""
@@ -170,10 +178,15 @@ class Config:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise ValueError(f"seed must be a non-negative int, got {self.seed!r}")
-        if not (isinstance(self.lr, (int, float)) and self.lr > 0 and math.isfinite(self.lr)):
-            raise ValueError(f"lr must be a positive number, got {self.lr!r}")
+        for name in ("seed", "refit_epochs", "refit_sample"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+        for name in ("lr", "refit_lr"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not (isinstance(value, (int, float)) and value > 0
+                                               and math.isfinite(value)):
+                raise ValueError(f"{name} must be a positive number, got {value!r}")
         if isinstance(self.reg, bool) or not (isinstance(self.reg, (int, float))
                                               and math.isfinite(self.reg) and self.reg >= 0):
             raise ValueError(f"reg must be a number >= 0, got {self.reg!r}")
@@ -296,6 +309,7 @@ class FederatedRunner(RoundRunner):
         self.user_vectors = {name: torch.randn(data.num_users, d, generator=self.gen) * INIT_STD
                              for name in self._table_names()}
         self.optimizer_states: dict = {}
+        self._served: Optional[tuple] = None
         self.head = None
         if config.arch == "neumf":
             with torch.random.fork_rng():
@@ -774,8 +788,24 @@ class FederatedRunner(RoundRunner):
                 self.totals[key] = self.totals.get(key, 0) + stats[key]
 
     # ------------------------------------------------------------------ evaluation
+    def serving_vectors(self) -> dict:
+        """The vectors users are evaluated with: their private vectors, or with
+        ``refit_epochs`` > 0 their vectors refit to the current global model
+        (``fastfair.fl.serve``), computed once per round."""
+        cfg = self.cfg
+        if not cfg.refit_epochs:
+            return self.user_vectors
+        if self._served is None or self._served[0] != self.round_index:
+            vectors = serve.refit(
+                self.data, torch.arange(self.data.num_users), self.tables, self.head,
+                arch=cfg.arch, loss=cfg.loss, negatives_per_positive=cfg.negatives,
+                epochs=cfg.refit_epochs, lr=cfg.refit_lr, sample=cfg.refit_sample,
+                key=serve.stream_key(cfg.seed, self.round_index))
+            self._served = (self.round_index, vectors)
+        return self._served[1]
+
     def _rows(self, users: Tensor, items: Tensor) -> Tensor:
-        uv = {k: v[users] for k, v in self.user_vectors.items()}
+        uv = {k: v[users] for k, v in self.serving_vectors().items()}
         if self.cfg.arch == "mf":
             return score("mf", uv["gmf"][:, None], None, self.tables["gmf"][items], None, None)
         return score("neumf", uv["gmf"][:, None], uv["mlp"][:, None], self.tables["gmf"][items],
@@ -802,8 +832,9 @@ class FederatedRunner(RoundRunner):
                 for t, tier in enumerate(self.tiers)}
 
     def _score_all(self, users: Tensor) -> Tensor:
-        mlp = self.user_vectors["mlp"][users] if self.head is not None else None
-        return score_all_items(self.cfg.arch, self.user_vectors["gmf"][users], mlp,
+        vectors = self.serving_vectors()
+        mlp = vectors["mlp"][users] if self.head is not None else None
+        return score_all_items(self.cfg.arch, vectors["gmf"][users], mlp,
                                self.tables["gmf"], self.tables.get("mlp"), self.head)
 
     # ------------------------------------------------------------------ checkpoints
@@ -842,6 +873,7 @@ class FederatedRunner(RoundRunner):
             self.head.load_state_dict(state["head"])
         self.load_round_state(state)
         self.optimizer_states = dict(state["optimizer_states"])
+        self._served = None
         self._svd.clear()
         self._projections.clear()
 
