@@ -103,6 +103,8 @@ _HELP = {
                "simulated round times and the deadline)",
     "deadline": "simulated round deadline in seconds (0: the profile's)",
     "server_lr": "server learning rate: move this far towards the aggregate",
+    "user_step": "fraction of a round's change a device keeps in its private user vectors "
+                 "(the reference code's averaging of user rows is about 1/K)",
     "refit_epochs": "serve users with vectors refit to the global model by this many Adam "
                     "steps (0: their private training vectors)",
     "refit_lr": "learning rate of the serving refit",

@@ -289,6 +289,8 @@ def test_training_learns_on_the_synthetic_default(data):
     (dict(seed=-1), "seed must be a non-negative int"),
     (dict(lr=0), "lr must be a positive number"),
     (dict(refit_lr=float("nan")), "refit_lr must be a positive number, got nan"),
+    (dict(user_step=0), "user_step must be in \\(0, 1\\], got 0"),
+    (dict(user_step=1.5), "user_step must be in"),
     (dict(refit_epochs=-1), "refit_epochs must be a non-negative int, got -1"),
     (dict(refit_sample=True), "refit_sample must be a non-negative int, got True"),
     (dict(rounds=0), "rounds must be a positive int"),
@@ -540,3 +542,19 @@ def test_deferred_adam_trains_like_dense_adam_and_resumes(data, method, tiers, m
     for name in dense.tables:  # the same Adam, up to float rounding
         torch.testing.assert_close(deferred.tables[name], dense.tables[name], rtol=1e-4,
                                    atol=1e-5)
+
+
+def test_user_step_keeps_that_fraction_of_the_rounds_change(data):
+    full = FederatedRunner(data, _cfg())
+    damped = FederatedRunner(data, _cfg(user_step=0.25))
+    start = {k: v.clone() for k, v in full.user_vectors.items()}
+    full.run_round()
+    damped.run_round()
+    for name in full.tables:  # the first round's uploads do not depend on it
+        assert torch.equal(full.tables[name], damped.tables[name])
+    moved = (full.user_vectors["gmf"] != start["gmf"]).any(1)
+    assert moved.sum() == _cfg().clients_per_round
+    for name, before in start.items():
+        want = before + 0.25 * (full.user_vectors[name] - before)
+        torch.testing.assert_close(damped.user_vectors[name], want, rtol=0, atol=1e-7)
+        assert torch.equal(damped.user_vectors[name][~moved], before[~moved])

@@ -124,9 +124,9 @@ def _assert_same_records(expected, got):
          aggregation="delta", rounds=3, eval_every=2),
     dict(compressor="actions", ratio=0.25, rounds=3),
     dict(compressor="topk", ratio=0.1),
-    dict(refit_epochs=10, refit_sample=5, refit_lr=0.05),
+    dict(refit_epochs=10, refit_sample=5, refit_lr=0.05, user_step=0.5, rounds=3),
 ], ids=["fair", "fedhm", "heterofl", "fair-inconsistent", "mf-dropout-persistent-delta",
-        "actions", "topk", "serving-refit"])
+        "actions", "topk", "refit-user-step"])
 def test_loopback_equals_in_process(data, kwargs):
     cfg = _config(**kwargs)
     runner, expected = _in_process(data, cfg)

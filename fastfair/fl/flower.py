@@ -512,7 +512,7 @@ class Device:
         gen.set_state(msg.content[RNG].to_torch_state_dict()["state"])
         loss = runner.local_train(user, model, gen)
         context.state[STATE_VECTORS] = ArrayRecord(_as_sent(
-            {name: params[f"user_{name}"] for name in vectors}))
+            runner.kept_user_vectors(vectors, model)))
         if cfg.optimizer_state == "persistent":
             context.state[STATE_OPTIMIZER] = ConfigRecord(
                 {"state": _to_bytes(runner.optimizer_states.pop(user))})

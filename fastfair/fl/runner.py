@@ -123,6 +123,11 @@ class Config:
     ``server_lr``: the server moves ``eta`` of the way to the aggregate,
     ``W <- W + eta (aggregate - W)``.
 
+    ``user_step``: a device keeps this fraction of its private vectors' change in a round,
+    ``u <- u + user_step (u_local - u)``. The reference code averages every user row over the
+    round's K clients, so a user keeps about 1/K of its change (``user_step = 1/K`` with the
+    vectors still private).
+
     Serving (``fastfair.fl.serve``): with ``refit_epochs`` > 0 every user is evaluated with
     vectors refit to the current global model (``refit_epochs`` full-batch Adam steps at
     ``refit_lr`` from zero, on at most ``refit_sample`` of its positives, 0: all) instead of its
@@ -161,6 +166,7 @@ class Config:
     profile: str = ""
     deadline: float = 0.0
     server_lr: float = 1.0
+    user_step: float = 1.0
     refit_epochs: int = 0
     refit_lr: float = 0.01
     refit_sample: int = 256
@@ -187,6 +193,9 @@ class Config:
             if isinstance(value, bool) or not (isinstance(value, (int, float)) and value > 0
                                                and math.isfinite(value)):
                 raise ValueError(f"{name} must be a positive number, got {value!r}")
+        if isinstance(self.user_step, bool) or not (isinstance(self.user_step, (int, float))
+                                                    and 0 < self.user_step <= 1):
+            raise ValueError(f"user_step must be in (0, 1], got {self.user_step!r}")
         if isinstance(self.reg, bool) or not (isinstance(self.reg, (int, float))
                                               and math.isfinite(self.reg) and self.reg >= 0):
             raise ValueError(f"reg must be a number >= 0, got {self.reg!r}")
@@ -732,11 +741,20 @@ class FederatedRunner(RoundRunner):
         return {k: v.detach().clone() for k, v in model.named_parameters()
                 if k.startswith("item_")}
 
+    def kept_user_vectors(self, before: dict, model: ClientModel) -> dict:
+        """The private vectors a device keeps after local training from ``before``:
+        ``before + user_step (trained - before)``."""
+        step, kept = self.cfg.user_step, {}
+        for name, start in before.items():
+            trained = getattr(model, f"user_{name}").detach()
+            kept[name] = trained.clone() if step == 1 else start + step * (trained - start)
+        return kept
+
     def keep_private(self, client: int, model: ClientModel) -> None:
-        with torch.no_grad():
-            self.user_vectors["gmf"][client] = model.user_gmf
-            if self.head is not None:
-                self.user_vectors["mlp"][client] = model.user_mlp
+        kept = self.kept_user_vectors({k: v[client] for k, v in self.user_vectors.items()},
+                                      model)
+        for name, vector in kept.items():
+            self.user_vectors[name][client] = vector
 
     def transmit(self, client: int, update, start, view: ClientView, down: int,
                  reason: Optional[str]) -> tuple:
