@@ -38,11 +38,12 @@ from tqdm import tqdm
 
 from . import __version__
 from .fl.data import DATASETS, load_dataset, synthetic
-from .fl.model import ARCHS
+from .fl.model import ARCHS, HEAD_INITS
 from .fl.compress import COMPRESSORS
 from .fl.profiles import PROFILES
 from .fl.runner import (AGGREGATIONS, ASSIGNMENTS, COMPRESSIBLE, LOSSES, METHODS, OPTIMIZER_STATES,
-                        OPTIMIZERS, WEIGHTINGS, Config, FederatedRunner, popularity_metrics)
+                        LEGACY_SETTINGS, OPTIMIZERS, WEIGHTINGS, Config, FederatedRunner,
+                        popularity_metrics)
 from .fl.tiers import fraction_label, parse_tiers
 
 ENGINES = ("inprocess", "flower")
@@ -62,12 +63,15 @@ TIMING_FIELDS = ("seconds", "eval_seconds")
 RESUMABLE_SETTINGS = ("rounds", "checkpoint_every", "quiet", "resume", "overwrite", "out",
                       "data_dir")
 
-_CHOICES = {"method": METHODS, "arch": ARCHS, "assignment": ASSIGNMENTS, "optimizer": OPTIMIZERS,
+_CHOICES = {"method": METHODS, "arch": ARCHS, "head_init": HEAD_INITS, "assignment": ASSIGNMENTS,
+            "optimizer": OPTIMIZERS,
             "optimizer_state": OPTIMIZER_STATES, "loss": LOSSES, "compressor": COMPRESSORS,
             "aggregation": AGGREGATIONS, "weighting": WEIGHTINGS}
 _SHORT = {"clients_per_round": "-K", "local_epochs": "-E"}
 _HELP = {
     "arch": "model",
+    "head_init": "NeuMF dense layers' initialisation: NeuMF's usual (ncf) or nn.Linear's "
+                 "default (torch, fastfair's before 2026-11-21)",
     "dim": "embedding dimension d",
     "assignment": "how users get tiers: seeded shuffle, or the most active get the largest",
     "clients_per_round": "clients sampled per round (without replacement)",
@@ -379,8 +383,10 @@ def _check_resume(out: Path, runs: list, data, settings: dict, rounds: int) -> N
     before = json.loads(config_file.read_text()).get("settings")
     if not isinstance(before, dict):
         raise ValueError(f"--resume: {config_file} holds no fastfair settings")
-    # A setting added after the run was started counts as its default there.
-    before = {**{k: f.default for k, f in _CONFIG_FIELDS.items() if k not in before}, **before}
+    # A setting added after the run was started counts as what that run used: its default, or
+    # its legacy value where the default changed when it was added.
+    before = {**{k: f.default for k, f in _CONFIG_FIELDS.items() if k not in before},
+              **LEGACY_SETTINGS, **before}
     changed = [f"{k} {before.get(k)!r} -> {v!r}" for k, v in settings.items()
                if k not in RESUMABLE_SETTINGS and before.get(k) != v]
     if changed:

@@ -165,6 +165,15 @@ def test_resume_continues_bit_identically(tmp_path, monkeypatch, capsys):
     config = json.loads((broken / "config.json").read_text())
     del config["settings"]["weighting"]
     (broken / "config.json").write_text(json.dumps(config))
+    # A setting whose default changed when it was added: the run used the old value.
+    config = json.loads((broken / "config.json").read_text())
+    del config["settings"]["head_init"]
+    (broken / "config.json").write_text(json.dumps(config))
+    capsys.readouterr()
+    assert "head_init 'torch' -> 'ncf'" in _error(capsys, [*common, "--rounds", "5", "--out",
+                                                           broken, "--resume"])
+    config["settings"]["head_init"] = "ncf"
+    (broken / "config.json").write_text(json.dumps(config))
     # Resuming a finished run to more rounds adds only the new rounds.
     assert cli.main([*common, "--rounds", "5", "--out", broken, "--resume"]) == 0
     rounds = sorted((r["method"], r["round"]) for r in _records(broken))

@@ -58,7 +58,7 @@ from . import metrics, serve
 from .data import InteractionData
 from .compress import (COMPRESSORS, Compressor, Received, action_bits, doubling_grid,
                        reference_bits)
-from .model import (ARCHS, ClientModel, Head, LowRankEmbedding, SlicedEmbedding, score,
+from .model import (ARCHS, HEAD_INITS, ClientModel, Head, LowRankEmbedding, SlicedEmbedding, score,
                     score_all_items)
 from .profiles import cluster_flops, load_profile, train_flops
 from .rounds import RoundRunner, check_tensors
@@ -96,6 +96,9 @@ PROFILE_SEED = 7919
 class Config:
     """One federated experiment. ``tiers`` uses ``fastfair.fl.tiers.parse_tiers`` notation.
 
+    ``head_init``: how NeuMF's dense layers start (``fastfair.fl.model.Head``): ``"ncf"``,
+    NeuMF's usual initialisation, or ``"torch"``, ``nn.Linear``'s default (fastfair's before the
+    setting existed).
     ``optimizer_state``: ``"fresh"`` gives a client a new optimizer every round (the reference
     code), ``"persistent"`` keeps each client's optimizer state on the client across rounds.
     ``dropout``: probability that a sampled client never returns its update.
@@ -136,6 +139,7 @@ class Config:
 
     method: str = "fair"
     arch: str = "neumf"
+    head_init: str = "ncf"
     dim: int = 8
     tiers: str = "2:0-1"
     assignment: str = "random"
@@ -173,7 +177,8 @@ class Config:
 
     def check(self, data: InteractionData) -> None:
         """A clear ValueError for the first bad setting."""
-        for name, allowed in (("method", METHODS), ("arch", ARCHS), ("optimizer", OPTIMIZERS),
+        for name, allowed in (("method", METHODS), ("arch", ARCHS), ("head_init", HEAD_INITS),
+                              ("optimizer", OPTIMIZERS),
                               ("optimizer_state", OPTIMIZER_STATES), ("loss", LOSSES),
                               ("assignment", ASSIGNMENTS), ("aggregation", AGGREGATIONS),
                               ("weighting", WEIGHTINGS)):
@@ -323,7 +328,7 @@ class FederatedRunner(RoundRunner):
         if config.arch == "neumf":
             with torch.random.fork_rng():
                 torch.manual_seed(config.seed)
-                self.head = Head(d)
+                self.head = Head(d, init=config.head_init)
         self._counts: dict = {}
         self._svd: dict = {}
         self._projections: dict = {}
@@ -910,10 +915,15 @@ class FederatedRunner(RoundRunner):
         return runner
 
 
+# Settings whose default changed when they were added: what a config without them ran with.
+LEGACY_SETTINGS = {"head_init": "torch"}
+
+
 def _with_defaults(config: dict) -> dict:
-    """A checkpoint's config with the settings added after it was written at their defaults
-    (which is what it ran with)."""
-    return {**{f.name: f.default for f in dataclasses.fields(Config)}, **config}
+    """A checkpoint's config with the settings added after it was written at what it ran with:
+    their defaults, or ``LEGACY_SETTINGS``."""
+    return {**{f.name: f.default for f in dataclasses.fields(Config)}, **LEGACY_SETTINGS,
+            **config}
 
 
 def _deferred(entries: int) -> bool:
