@@ -61,7 +61,7 @@ TIMING_FIELDS = ("seconds", "eval_seconds")
 # Settings a --resume may change: they decide how far and how visibly a run goes, not what it
 # computes.
 RESUMABLE_SETTINGS = ("rounds", "checkpoint_every", "quiet", "resume", "overwrite", "out",
-                      "data_dir")
+                      "data_dir", "workers")
 
 _CHOICES = {"method": METHODS, "arch": ARCHS, "head_init": HEAD_INITS, "assignment": ASSIGNMENTS,
             "optimizer": OPTIMIZERS,
@@ -191,6 +191,9 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
                           "(default: at every evaluation; 0: only at the end)")
     out.add_argument("--quiet", action="store_true",
                      help="no progress output; the summary table is still printed")
+    out.add_argument("--workers", type=_positive, default=1, metavar="N",
+                     help="train each round's clients in N processes (same results as 1; "
+                          "default: %(default)s)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -368,9 +371,9 @@ def _settings(args, methods, mixes) -> dict:
     return json.loads(json.dumps(settings))
 
 
-def _load_checkpoint(path: Path, data) -> FederatedRunner:
+def _load_checkpoint(path: Path, data, workers: int = 1) -> FederatedRunner:
     try:
-        return FederatedRunner.load(path, data)
+        return FederatedRunner.load(path, data, workers)
     except (RuntimeError, pickle.UnpicklingError, EOFError) as err:
         raise ValueError(f"cannot read checkpoint {path}: {err}") from None
 
@@ -556,11 +559,17 @@ def _train_flower(run: _Run, data, out: Path, args) -> None:
 def _train(run: _Run, data, out: Path, args, show_bar: bool) -> None:
     path = out / CHECKPOINT_DIR / f"{run.name}.pt"
     if run.start:
-        runner = _load_checkpoint(path, data)
+        runner = _load_checkpoint(path, data, args.workers)
         # The checkpoint stores the rounds it was started with; it continues to the new target.
         runner.cfg.rounds = run.config.rounds
     else:
-        runner = FederatedRunner(data, run.config)
+        runner = FederatedRunner(data, run.config, workers=args.workers)
+    with runner:
+        _train_rounds(runner, run, out, args, show_bar)
+
+
+def _train_rounds(runner: FederatedRunner, run: _Run, out: Path, args, show_bar: bool) -> None:
+    path = out / CHECKPOINT_DIR / f"{run.name}.pt"
     cfg = runner.cfg
     every = cfg.eval_every if args.checkpoint_every is None else args.checkpoint_every
     metric = f"ndcg@{cfg.ks[0]}"
@@ -739,6 +748,9 @@ def _setup(argv: list):
         if args.resume:
             raise ValueError("--engine flower cannot --resume: the server never holds the "
                              "clients' private vectors, so it has no complete checkpoint")
+        if args.workers != 1:
+            raise ValueError(f"--workers {args.workers} applies to the in-process engine; "
+                             "Flower runs its clients on its own nodes")
         try:
             from .fl import flower  # noqa: F401  (fail before any file is written)
         except ImportError as err:

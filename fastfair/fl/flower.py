@@ -23,7 +23,7 @@ unchanged. With a compressor (``actions``, ``topk``, ...) the node sends only th
 item-table updates (``fastfair.fl.compress.Encoded`` parts) and the head; the server decodes them.
 
 Randomness: the in-process runner trains its clients one after another from one generator. The
-server replays each planned client's draws (``_replay_local_train``: per epoch one
+server replays each planned client's draws (``runner.replay_local_train``: per epoch one
 ``randperm`` of its positives and one ``randint`` of negatives, as ``local_train`` makes them) to
 know the generator state every client starts from, sends it, and checks that the state the node
 reports after training is the replayed one, so clients train in parallel and a run equals the
@@ -76,7 +76,7 @@ from . import metrics, serve
 from .compress import Encoded, Received
 from .data import DATASETS, InteractionData, load_dataset
 from .model import Head, score, score_all_items
-from .runner import ClientView, Config, FederatedRunner
+from .runner import ClientView, Config, FederatedRunner, replay_local_train
 
 log = logging.getLogger("fastfair.flower")
 
@@ -88,15 +88,6 @@ STATE_VECTORS, STATE_OPTIMIZER = "fastfair.user-vectors", "fastfair.optimizer"
 PARTITION_KEY = "partition-id"
 # Run-config keys that choose the data (the rest are ``Config`` fields, "-" for "_").
 DATA_KEYS = ("dataset", "data-dir", "users", "items", "data-seed", "max-interactions")
-
-
-def _replay_local_train(gen: torch.Generator, positives: int, cfg: Config,
-                        num_items: int) -> None:
-    """Advance ``gen`` by the draws ``FederatedRunner.local_train`` makes for a client with
-    ``positives`` training items (its only use of the generator)."""
-    for _ in range(cfg.local_epochs):
-        torch.randperm(positives, generator=gen)
-        torch.randint(0, num_items, (positives, cfg.negatives), generator=gen)
 
 
 def _as_sent(update: dict) -> dict:
@@ -162,7 +153,7 @@ class ServerRunner(FederatedRunner):
             view = self.view(client)
             model = FederatedRunner.download(self, client, view)
             start = self.gen.get_state()
-            _replay_local_train(self.gen, int(self.data.user_items(client).numel()), self.cfg,
+            replay_local_train(self.gen, int(self.data.user_items(client).numel()), self.cfg,
                                 self.data.num_items)
             plan[client] = Task(client, view, model,
                                 _as_sent(FederatedRunner.upload(self, client, model, view)),
@@ -356,7 +347,7 @@ class FairStrategy(Strategy):
         end = content[RNG].to_torch_state_dict()["state"]
         if not torch.equal(end, task.rng_end):
             raise ValueError("the node trained from another random state than the server "
-                             "replayed (_replay_local_train no longer matches "
+                             "replayed (replay_local_train no longer matches "
                              "FederatedRunner.local_train, or the node runs another fastfair)")
         loss = float(content[RESULT]["loss"])
         update = content[UPDATE].to_torch_state_dict()

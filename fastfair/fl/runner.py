@@ -54,7 +54,7 @@ from .. import aggregate, expand_dense, project_dense, slot_counts
 from ..kernels.functional import HashSpec
 from ..nn import HashedEmbedding
 from ..optim import DeferredAdam, ScatterAdam
-from . import metrics, serve
+from . import metrics, parallel, serve
 from .data import InteractionData
 from .compress import (COMPRESSORS, Compressor, Received, action_bits, doubling_grid,
                        reference_bits)
@@ -290,8 +290,13 @@ class ClientView:
 class FederatedRunner(RoundRunner):
     """Runs ``Config`` on ``InteractionData``; ``run_round()`` then ``evaluate()``."""
 
-    def __init__(self, data: InteractionData, config: Config):
+    def __init__(self, data: InteractionData, config: Config, workers: int = 1):
         config.check(data)
+        if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+            raise ValueError(f"workers must be a positive int, got {workers!r}")
+        self.workers = workers
+        self._pool = None
+        self._trained: Optional[dict] = None
         self.data, self.cfg = data, config
         n, d = data.num_items, config.dim
         self.tiers = parse_tiers(config.tiers)
@@ -487,52 +492,77 @@ class FederatedRunner(RoundRunner):
         return model
 
     def local_train(self, client: int, model: ClientModel, gen: torch.Generator) -> float:
-        """``local_epochs`` passes over the client's positives in shuffled batches, each
-        positive paired with ``negatives`` items drawn uniformly every epoch. Returns the mean
-        loss of the last epoch."""
-        cfg = self.cfg
-        pos = self.data.user_items(client)
-        opts = client_optimizers(model, cfg.optimizer, cfg.lr)
-        persistent = cfg.optimizer_state == "persistent"
-        if persistent and client in self.optimizer_states:
-            for opt, state in zip(opts, self.optimizer_states[client]):
-                opt.load_state_dict(state)
-        last = 0.0
-        for _ in range(cfg.local_epochs):
-            order = pos[torch.randperm(pos.numel(), generator=gen)]
-            negs = torch.randint(0, self.data.num_items, (pos.numel(), cfg.negatives),
-                                 generator=gen)
-            total = 0.0
-            for start in range(0, pos.numel(), cfg.batch_size):
-                p = order[start:start + cfg.batch_size]
-                q = negs[start:start + cfg.batch_size]
-                # One lookup per table for positives and negatives together: each table's
-                # backward (a zero-filled gradient of the whole array) then runs once per step.
-                scores = model(torch.cat([p[:, None], q], 1), with_sqnorm=bool(cfg.reg))
-                if cfg.reg:
-                    scores, sqnorm = scores
-                s_pos, s_neg = scores[:, 0], scores[:, 1:]
-                if cfg.loss == "bpr":
-                    loss = -F.logsigmoid(s_pos[:, None] - s_neg).mean()
-                else:
-                    loss = (F.binary_cross_entropy_with_logits(s_pos, torch.ones_like(s_pos))
-                            * p.numel() + F.binary_cross_entropy_with_logits(
-                                s_neg, torch.zeros_like(s_neg)) * q.numel()) / (p.numel() + q.numel())
-                if cfg.reg:
-                    loss = loss + cfg.reg * sqnorm / p.numel()
-                for opt in opts:
-                    opt.zero_grad(set_to_none=True)
-                loss.backward()
-                for opt in opts:
-                    opt.step()
-                total += float(loss.detach()) * p.numel()
-            last = total / max(pos.numel(), 1)
-        for opt in opts:
-            if isinstance(opt, DeferredAdam):
-                opt.flush()
+        """``train_client`` on the client's positives; with workers, the result a worker
+        computed from the same generator state (``_train_in_workers``)."""
+        if self._trained is not None:
+            return self._take_trained(client, model, gen)
+        persistent = self.cfg.optimizer_state == "persistent"
+        loss, state = train_client(self.cfg, self.data.user_items(client), self.data.num_items,
+                                   model, gen, self.optimizer_states.get(client)
+                                   if persistent else None)
         if persistent:
-            self.optimizer_states[client] = [opt.state_dict() for opt in opts]
-        return last
+            self.optimizer_states[client] = state
+        return loss
+
+    # ------------------------------------------------------------------ clients in workers
+    def run_round(self) -> dict:
+        """``RoundRunner.run_round``; with ``workers`` > 1 the round's clients train in worker
+        processes first, each from the generator state the sequential loop would give it."""
+        if self.workers == 1:
+            return super().run_round()
+        self._trained = self._train_in_workers()
+        try:
+            return super().run_round()
+        finally:
+            self._trained = None
+
+    def _train_in_workers(self) -> dict:
+        """``{client: parallel.Trained}`` for the clients the next round trains: their
+        downloads and generator states as the round will make them (the draws of
+        ``train_client`` are known in advance, ``replay_local_train``), trained by the pool."""
+        if self._pool is None:
+            self._pool = parallel.ClientPool(self.data, self.cfg, self.workers)
+        saved = self.gen.get_state()
+        self.begin_round()
+        clients, drops = self.draw_clients()
+        persistent = self.cfg.optimizer_state == "persistent"
+        jobs = []
+        for client, dropped in zip(clients, drops):
+            if dropped:
+                continue
+            model = self.download(client, self.view(client))
+            start = self.gen.get_state()
+            replay_local_train(self.gen, int(self.data.user_items(client).numel()), self.cfg,
+                               self.data.num_items)
+            jobs.append(parallel.Job(client, model, start, self.gen.get_state(),
+                                     self.optimizer_states.get(client) if persistent else None))
+        self.gen.set_state(saved)
+        return {done.client: done for done in self._pool.train(jobs)}
+
+    def _take_trained(self, client: int, model: ClientModel, gen: torch.Generator) -> float:
+        done = self._trained.get(client)
+        if done is None or not torch.equal(gen.get_state(), done.start):
+            raise RuntimeError(f"client {client} was not trained from the generator state the "
+                               "round reaches: _train_in_workers no longer matches run_round")
+        with torch.no_grad():
+            for key, param in model.named_parameters():
+                param.copy_(done.params[key])
+        gen.set_state(done.end)
+        if done.optimizer_state is not None:
+            self.optimizer_states[client] = done.optimizer_state
+        return done.loss
+
+    def close(self) -> None:
+        """Stop the worker processes (a later round starts them again)."""
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None
+
+    def __enter__(self) -> "FederatedRunner":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def upload(self, client: int, model: ClientModel, view: ClientView) -> dict:
         """What the client sends: every shared parameter (never its user vectors)."""
@@ -901,7 +931,7 @@ class FederatedRunner(RoundRunner):
         self._projections.clear()
 
     @classmethod
-    def load(cls, path, data: InteractionData) -> "FederatedRunner":
+    def load(cls, path, data: InteractionData, workers: int = 1) -> "FederatedRunner":
         """A runner that continues the checkpointed run on ``data`` exactly where it stopped."""
         if not os.path.isfile(path):
             raise FileNotFoundError(f"no checkpoint at {path}")
@@ -910,7 +940,7 @@ class FederatedRunner(RoundRunner):
             raise ValueError(f"{path} is not a fastfair runner checkpoint")
         config = _with_defaults(state["config"])
         config["ks"] = tuple(config["ks"])
-        runner = cls(data, Config(**config))
+        runner = cls(data, Config(**config), workers=workers)
         runner.load_state_dict(state)
         return runner
 
@@ -929,6 +959,65 @@ def _with_defaults(config: dict) -> dict:
 def _deferred(entries: int) -> bool:
     """Whether an item table of ``entries`` parameters steps with ``DeferredAdam``."""
     return entries >= DEFERRED_MIN_ENTRIES
+
+
+def train_client(cfg: Config, positives: Tensor, num_items: int, model: ClientModel,
+                 gen: torch.Generator, optimizer_state: Optional[list] = None) -> tuple:
+    """A client's local round: ``cfg.local_epochs`` passes over its ``positives`` in shuffled
+    batches, each positive paired with ``cfg.negatives`` items drawn uniformly every epoch,
+    minimising the BPR (``-log sigma(s_pos - s_neg)``) or BCE loss (plus ``cfg.reg`` times the
+    batch's squared embedding norms over the batch size) with ``client_optimizers``, resumed
+    from ``optimizer_state`` when given. Returns the mean loss of the last epoch and, with
+    ``cfg.optimizer_state == "persistent"``, the optimizers' states (else None). Its only
+    use of ``gen`` is what ``replay_local_train`` replays."""
+    pos = positives
+    opts = client_optimizers(model, cfg.optimizer, cfg.lr)
+    if optimizer_state is not None:
+        for opt, state in zip(opts, optimizer_state):
+            opt.load_state_dict(state)
+    last = 0.0
+    for _ in range(cfg.local_epochs):
+        order = pos[torch.randperm(pos.numel(), generator=gen)]
+        negs = torch.randint(0, num_items, (pos.numel(), cfg.negatives), generator=gen)
+        total = 0.0
+        for start in range(0, pos.numel(), cfg.batch_size):
+            p = order[start:start + cfg.batch_size]
+            q = negs[start:start + cfg.batch_size]
+            # One lookup per table for positives and negatives together: each table's
+            # backward (a zero-filled gradient of the whole array) then runs once per step.
+            scores = model(torch.cat([p[:, None], q], 1), with_sqnorm=bool(cfg.reg))
+            if cfg.reg:
+                scores, sqnorm = scores
+            s_pos, s_neg = scores[:, 0], scores[:, 1:]
+            if cfg.loss == "bpr":
+                loss = -F.logsigmoid(s_pos[:, None] - s_neg).mean()
+            else:
+                loss = (F.binary_cross_entropy_with_logits(s_pos, torch.ones_like(s_pos))
+                        * p.numel() + F.binary_cross_entropy_with_logits(
+                            s_neg, torch.zeros_like(s_neg)) * q.numel()) / (p.numel() + q.numel())
+            if cfg.reg:
+                loss = loss + cfg.reg * sqnorm / p.numel()
+            for opt in opts:
+                opt.zero_grad(set_to_none=True)
+            loss.backward()
+            for opt in opts:
+                opt.step()
+            total += float(loss.detach()) * p.numel()
+        last = total / max(pos.numel(), 1)
+    for opt in opts:
+        if isinstance(opt, DeferredAdam):
+            opt.flush()
+    persistent = cfg.optimizer_state == "persistent"
+    return last, ([opt.state_dict() for opt in opts] if persistent else None)
+
+
+def replay_local_train(gen: torch.Generator, positives: int, cfg: Config,
+                       num_items: int) -> None:
+    """Advance ``gen`` by the draws ``train_client`` makes for a client with ``positives``
+    training items."""
+    for _ in range(cfg.local_epochs):
+        torch.randperm(positives, generator=gen)
+        torch.randint(0, num_items, (positives, cfg.negatives), generator=gen)
 
 
 def client_optimizers(model: nn.Module, kind: str, lr: float) -> list:
@@ -1024,17 +1113,18 @@ def popularity_metrics(data: InteractionData, ks=(10,)) -> dict:
         data.test_indptr, data.test_items, data.num_items, ks=ks)
 
 
-def train(data: InteractionData, config: Config, on_eval=None) -> list:
+def train(data: InteractionData, config: Config, on_eval=None, workers: int = 1) -> list:
     """Run every round, evaluating every ``eval_every`` rounds and after the last; returns the
-    list of evaluation records (round stats + metrics) and passes each to ``on_eval``."""
-    runner = FederatedRunner(data, config)
+    list of evaluation records (round stats + metrics) and passes each to ``on_eval``.
+    ``workers`` > 1 trains each round's clients in that many processes (same results)."""
     records = []
-    for r in range(1, config.rounds + 1):
-        stats = runner.run_round()
-        if r % config.eval_every == 0 or r == config.rounds:
-            rec = {"method": config.method, "tiers": config.tiers, **stats, **runner.evaluate(),
-                   "totals": dict(runner.totals)}
-            records.append(rec)
-            if on_eval is not None:
-                on_eval(rec)
+    with FederatedRunner(data, config, workers=workers) as runner:
+        for r in range(1, config.rounds + 1):
+            stats = runner.run_round()
+            if r % config.eval_every == 0 or r == config.rounds:
+                rec = {"method": config.method, "tiers": config.tiers, **stats,
+                       **runner.evaluate(), "totals": dict(runner.totals)}
+                records.append(rec)
+                if on_eval is not None:
+                    on_eval(rec)
     return records
