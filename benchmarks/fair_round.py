@@ -73,6 +73,7 @@ REFERENCES = {
 }
 IMPLEMENTATIONS = ("fastfair", *REFERENCES)
 LABELS = {"fastfair": "fastfair", **{k: label for k, (_, label) in REFERENCES.items()}}
+WORKERS_KEY = "fastfair_workers"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -388,12 +389,17 @@ def measure_client_memory(data: InteractionData, threads: int) -> dict:
 # The round benchmark
 
 
-def time_rounds(data: InteractionData, rounds: int) -> dict:
-    """Alternating rounds of fastfair and each reference variant on the same clients."""
+def time_rounds(data: InteractionData, rounds: int, workers: int = 1) -> dict:
+    """Alternating rounds of fastfair and each reference variant on the same clients; with
+    ``workers`` > 1 also fastfair training the round's clients in that many processes (the
+    same round: its tables are checked equal to the sequential runner's)."""
     runner = FederatedRunner(data, Config(**ROUND))
+    pooled = FederatedRunner(data, Config(**ROUND), workers=workers) if workers > 1 else None
     references = {k: ReferenceFair(data, runner.cfg, memory_sizes_of(runner), fused)
                   for k, (fused, _) in REFERENCES.items()}
     seconds = {k: [] for k in IMPLEMENTATIONS}
+    if pooled is not None:
+        seconds[WORKERS_KEY] = []
     sampled = []
     for r in range(rounds + 1):
         before = runner.user_vectors["gmf"].clone()
@@ -406,6 +412,12 @@ def time_rounds(data: InteractionData, rounds: int) -> dict:
             raise RuntimeError(f"found {len(clients)} trained clients in fastfair's round, "
                                f"expected {runner.cfg.clients_per_round}")
         took = {"fastfair": t_fastfair}
+        if pooled is not None:
+            t0 = time.perf_counter()
+            pooled.run_round()
+            took[WORKERS_KEY] = time.perf_counter() - t0
+            if any(not torch.equal(pooled.tables[k], runner.tables[k]) for k in runner.tables):
+                raise RuntimeError("fastfair with workers trained another round than without")
         for key, reference in references.items():
             t0 = time.perf_counter()
             reference.run_round(clients)
@@ -414,6 +426,8 @@ def time_rounds(data: InteractionData, rounds: int) -> dict:
             for key, t in took.items():
                 seconds[key].append(t)
             sampled.append(clients)
+    if pooled is not None:
+        pooled.close()
     sizes = references["reference"].memory_sizes
     return {"seconds": seconds, "clients": sampled,
             "hashed_clients_per_round": [sum(sizes[c] is not None for c in cs) for cs in sampled],
@@ -442,6 +456,11 @@ def table(doc: dict) -> str:
         below = "-" if k == "fastfair" else f"{ratios['peak_memory'][k]:.1f}x"
         rows.append(f"| {LABELS[k]} | {med[k]:.2f} | {faster} | {m[k]['peak_rise_mb']:.1f} | "
                     f"{below} | {m[k]['held_bytes']['total'] / 2**20:.1f} |")
+    if WORKERS_KEY in med:
+        workers = doc["workers"]
+        for k in REFERENCES:
+            rows.append(f"| fastfair, clients in {workers} processes, vs {k} | "
+                        f"{med[WORKERS_KEY]:.2f} | {ratios['speedup_workers'][k]:.2f}x | | | |")
     rows.append("")
     for k in REFERENCES:
         rows.append(f"Against {LABELS[k]}: speed-up {ratios['speedup'][k]:.2f}x (target "
@@ -458,21 +477,24 @@ def main() -> None:
                          "small shared machine more threads contend with other work)")
     ap.add_argument("--out", type=pathlib.Path, default=HERE / "results" / "fair_round.json",
                     help="results JSON (default benchmarks/results/fair_round.json)")
+    ap.add_argument("--workers", type=int, default=1,
+                    help="also time fastfair training each round's clients in this many "
+                         "processes (default 1: not timed)")
     ap.add_argument("--memory-child", nargs=2, metavar=("IMPL", "PAYLOAD"),
                     help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.memory_child:
         _memory_child(args.memory_child[1], args.memory_child[0])
         return
-    if args.rounds < 1 or args.threads < 1:
-        ap.error("--rounds and --threads must be at least 1")
+    if args.rounds < 1 or args.threads < 1 or args.workers < 1:
+        ap.error("--rounds, --threads and --workers must be at least 1")
     try:
         data = load_dataset("goodreads")
     except FileNotFoundError as err:
         raise SystemExit(f"fair_round.py needs Goodreads-100: {err}") from None
     _set_threads(args.threads)
     memory = measure_client_memory(data, args.threads)
-    timing = time_rounds(data, args.rounds)
+    timing = time_rounds(data, args.rounds, args.workers)
     med = {k: statistics.median(v) for k, v in timing["seconds"].items()}
     peak = {k: memory[k]["peak_rise_mb"] for k in IMPLEMENTATIONS}
     held = {k: memory[k]["held_bytes"]["total"] for k in IMPLEMENTATIONS}
@@ -480,6 +502,8 @@ def main() -> None:
     ratios = {"speedup": {k: med[k] / med["fastfair"] for k in REFERENCES},
               "peak_memory": {k: peak[k] / peak["fastfair"] for k in REFERENCES},
               "held_bytes": {k: held[k] / held["fastfair"] for k in REFERENCES}}
+    if WORKERS_KEY in med:
+        ratios["speedup_workers"] = {k: med[k] / med[WORKERS_KEY] for k in REFERENCES}
     doc = {
         "benchmark": "fair_round",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -493,6 +517,7 @@ def main() -> None:
         "dataset": {"name": data.name, "users": data.num_users, "items": data.num_items,
                     "train_interactions": data.num_train},
         "config": ROUND,
+        "workers": args.workers,
         "implementations": LABELS,
         "notes": [
             "All implementations train the same sampled clients (read off fastfair's round) "
@@ -512,6 +537,8 @@ def main() -> None:
         "targets": {"speedup": TARGET_SPEEDUP, "memory_ratio": TARGET_MEMORY_RATIO,
                     "speedup_met": {k: r >= TARGET_SPEEDUP
                                     for k, r in ratios["speedup"].items()},
+                    "speedup_workers_met": {k: r >= TARGET_SPEEDUP for k, r in
+                                            ratios.get("speedup_workers", {}).items()},
                     "peak_memory_met": {k: r >= TARGET_MEMORY_RATIO
                                         for k, r in ratios["peak_memory"].items()}},
     }
