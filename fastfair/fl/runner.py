@@ -537,6 +537,8 @@ class FederatedRunner(RoundRunner):
             jobs.append(parallel.Job(client, model, start, self.gen.get_state(),
                                      self.optimizer_states.get(client) if persistent else None))
         self.gen.set_state(saved)
+        # Largest first: the pool hands jobs out in order, so the longest do not come last.
+        jobs.sort(key=lambda job: -int(self.data.user_items(job.client).numel()))
         return {done.client: done for done in self._pool.train(jobs)}
 
     def _take_trained(self, client: int, model: ClientModel, gen: torch.Generator) -> float:
