@@ -41,13 +41,13 @@ import time
 
 import numba
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastfair.fl.data import InteractionData, load_dataset
 from fastfair.fl.model import ClientModel, Head
 from fastfair.fl.runner import (INIT_STD, Config, FederatedRunner,
                                 client_optimizers)
+from fastfair.fl.runner import train_client as run_client
 from fastfair.kernels import backends, numba_backend
 from fastfair.nn import HashedEmbedding
 from fastfair.optim import DeferredAdam, ScatterAdam
@@ -122,35 +122,15 @@ class StoredHashEmbedding(nn.Module):
 
 def train_client(model: ClientModel, items: Tensor, num_items: int, cfg: Config,
                  gen: torch.Generator, optimizer: str) -> list:
-    """``cfg.local_epochs`` passes over ``items`` in shuffled batches of ``cfg.batch_size``, a
-    fresh Adam, BPR loss ``-log sigmoid(s(u, i) - s(u, j))`` with ``cfg.negatives`` uniform
-    negatives ``j`` per positive ``i`` redrawn every epoch: the loop of
-    ``FederatedRunner.local_train`` for these settings. ``optimizer``: ``"default"``, torch's
-    default Adam, as the reference code uses; ``"fused"``, torch's fused Adam; ``"fastfair"``,
-    the runner's (``fastfair.fl.runner.client_optimizers``).
-    Returns the optimizers (their state is part of what the client holds)."""
+    """The runner's local round (``fastfair.fl.runner.train_client``) on ``items`` with
+    ``optimizer``: ``"default"``, torch's default Adam, as the reference code uses; ``"fused"``,
+    torch's fused Adam; ``"fastfair"``, the runner's (``client_optimizers``). Returns the
+    optimizers (their state is part of what the client holds)."""
     if optimizer == "fastfair":
         opts = client_optimizers(model, "adam", cfg.lr)
     else:
         opts = [torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=optimizer == "fused")]
-    for _ in range(cfg.local_epochs):
-        order = items[torch.randperm(items.numel(), generator=gen)]
-        negs = torch.randint(0, num_items, (items.numel(), cfg.negatives), generator=gen)
-        for start in range(0, items.numel(), cfg.batch_size):
-            # Positives and negatives in one lookup, as the runner does: one backward (and one
-            # whole-array gradient) per table and step.
-            batch = torch.cat([order[start:start + cfg.batch_size, None],
-                               negs[start:start + cfg.batch_size]], 1)
-            scores = model(batch)
-            loss = -F.logsigmoid(scores[:, :1] - scores[:, 1:]).mean()
-            for opt in opts:
-                opt.zero_grad(set_to_none=True)
-            loss.backward()
-            for opt in opts:
-                opt.step()
-    for opt in opts:
-        if isinstance(opt, DeferredAdam):
-            opt.flush()
+    run_client(cfg, items, num_items, model, gen, optimizers=opts)
     return opts
 
 

@@ -963,17 +963,19 @@ def _deferred(entries: int) -> bool:
     return entries >= DEFERRED_MIN_ENTRIES
 
 
-def train_client(cfg: Config, positives: Tensor, num_items: int, model: ClientModel,
-                 gen: torch.Generator, optimizer_state: Optional[list] = None) -> tuple:
-    """A client's local round: ``cfg.local_epochs`` passes over its ``positives`` in shuffled
-    batches, each positive paired with ``cfg.negatives`` items drawn uniformly every epoch,
-    minimising the BPR (``-log sigma(s_pos - s_neg)``) or BCE loss (plus ``cfg.reg`` times the
-    batch's squared embedding norms over the batch size) with ``client_optimizers``, resumed
-    from ``optimizer_state`` when given. Returns the mean loss of the last epoch and, with
-    ``cfg.optimizer_state == "persistent"``, the optimizers' states (else None). Its only
-    use of ``gen`` is what ``replay_local_train`` replays."""
-    pos = positives
-    opts = client_optimizers(model, cfg.optimizer, cfg.lr)
+def train_client(cfg: Config, pos: Tensor, num_items: int, model: ClientModel,
+                 gen: torch.Generator, optimizer_state: Optional[list] = None,
+                 optimizers: Optional[list] = None) -> tuple:
+    """A client's local round: ``cfg.local_epochs`` passes over its positives ``pos`` in
+    shuffled batches, each positive paired with ``cfg.negatives`` items drawn uniformly every
+    epoch, minimising the BPR (``-log sigma(s_pos - s_neg)``) or BCE loss (plus ``cfg.reg``
+    times the batch's squared embedding norms over the batch size) with ``client_optimizers``
+    (or the given ``optimizers``), resumed from ``optimizer_state`` when given. Returns the
+    mean loss of the last epoch and, with ``cfg.optimizer_state == "persistent"``, the
+    optimizers' states (else None). Its only use of ``gen`` is what ``replay_local_train``
+    replays."""
+    opts = optimizers if optimizers is not None else client_optimizers(model, cfg.optimizer,
+                                                                       cfg.lr)
     if optimizer_state is not None:
         for opt, state in zip(opts, optimizer_state):
             opt.load_state_dict(state)
