@@ -76,7 +76,7 @@ from . import metrics, serve
 from .compress import Encoded, Received
 from .data import DATASETS, InteractionData, load_dataset
 from .model import Head, score, score_all_items
-from .runner import ClientView, Config, FederatedRunner, replay_local_train
+from .runner import ClientView, Config, FederatedRunner
 
 log = logging.getLogger("fastfair.flower")
 
@@ -143,22 +143,10 @@ class ServerRunner(FederatedRunner):
         """``{client: Task}`` for the clients of the next round that do not drop out."""
         if self._plan is not None:
             raise RuntimeError("plan_round called twice without finish_round")
-        saved = self.gen.get_state()
-        self._svd.clear()
-        clients, drops = self.draw_clients()  # as run_round will draw them
-        plan = {}
-        for client, dropped in zip(clients, drops):
-            if dropped:
-                continue
-            view = self.view(client)
-            model = FederatedRunner.download(self, client, view)
-            start = self.gen.get_state()
-            replay_local_train(self.gen, int(self.data.user_items(client).numel()), self.cfg,
-                                self.data.num_items)
-            plan[client] = Task(client, view, model,
-                                _as_sent(FederatedRunner.upload(self, client, model, view)),
-                                start, self.gen.get_state())
-        self.gen.set_state(saved)
+        plan = {client: Task(client, view, model,
+                             _as_sent(FederatedRunner.upload(self, client, model, view)),
+                             start, end)
+                for client, view, model, start, end in self.plan_clients()}
         self._plan = plan
         return plan
 
@@ -560,10 +548,8 @@ def user_metrics(data: InteractionData, cfg: Config, user: int, vectors: dict, t
     users = torch.tensor([user])
     arch, ks = cfg.arch, tuple(cfg.ks)
     if cfg.refit_epochs:
-        vectors = {k: v[0] for k, v in serve.refit(
-            data, users, tables, head, arch=arch, loss=cfg.loss,
-            negatives_per_positive=cfg.negatives, epochs=cfg.refit_epochs, lr=cfg.refit_lr,
-            sample=cfg.refit_sample, key=serve.stream_key(cfg.seed, round_index)).items()}
+        vectors = {k: v[0] for k, v in
+                   serve.refit_with(cfg, data, users, tables, head, round_index).items()}
     gmf = vectors["gmf"][None]
     mlp = vectors["mlp"][None] if arch == "neumf" else None
     if data.protocol == "loo":

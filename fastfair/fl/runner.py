@@ -516,27 +516,36 @@ class FederatedRunner(RoundRunner):
         finally:
             self._trained = None
 
-    def _train_in_workers(self) -> dict:
-        """``{client: parallel.Trained}`` for the clients the next round trains: their
-        downloads and generator states as the round will make them (the draws of
-        ``train_client`` are known in advance, ``replay_local_train``), trained by the pool."""
-        if self._pool is None:
-            self._pool = parallel.ClientPool(self.data, self.cfg, self.workers)
+    def plan_clients(self) -> list:
+        """``(client, view, downloaded model, generator state before its local round, after
+        it)`` for each client the next round trains, as ``run_round`` will meet them (the draws
+        of ``train_client`` are known in advance: ``replay_local_train``). The generator is
+        left where it was."""
         saved = self.gen.get_state()
         self.begin_round()
         clients, drops = self.draw_clients()
-        persistent = self.cfg.optimizer_state == "persistent"
-        jobs = []
+        plan = []
         for client, dropped in zip(clients, drops):
             if dropped:
                 continue
-            model = self.download(client, self.view(client))
+            view = self.view(client)
+            model = FederatedRunner.download(self, client, view)
             start = self.gen.get_state()
             replay_local_train(self.gen, int(self.data.user_items(client).numel()), self.cfg,
                                self.data.num_items)
-            jobs.append(parallel.Job(client, model, start, self.gen.get_state(),
-                                     self.optimizer_states.get(client) if persistent else None))
+            plan.append((client, view, model, start, self.gen.get_state()))
         self.gen.set_state(saved)
+        return plan
+
+    def _train_in_workers(self) -> dict:
+        """``{client: parallel.Trained}`` for the clients of ``plan_clients``, trained by the
+        pool."""
+        if self._pool is None:
+            self._pool = parallel.ClientPool(self.data, self.cfg, self.workers)
+        persistent = self.cfg.optimizer_state == "persistent"
+        jobs = [parallel.Job(client, model, start, end,
+                             self.optimizer_states.get(client) if persistent else None)
+                for client, _, model, start, end in self.plan_clients()]
         # Largest first: the pool hands jobs out in order, so the longest do not come last.
         jobs.sort(key=lambda job: -int(self.data.user_items(job.client).numel()))
         return {done.client: done for done in self._pool.train(jobs)}
@@ -851,11 +860,8 @@ class FederatedRunner(RoundRunner):
         if not cfg.refit_epochs:
             return self.user_vectors
         if self._served is None or self._served[0] != self.round_index:
-            vectors = serve.refit(
-                self.data, torch.arange(self.data.num_users), self.tables, self.head,
-                arch=cfg.arch, loss=cfg.loss, negatives_per_positive=cfg.negatives,
-                epochs=cfg.refit_epochs, lr=cfg.refit_lr, sample=cfg.refit_sample,
-                key=serve.stream_key(cfg.seed, self.round_index))
+            vectors = serve.refit_with(cfg, self.data, torch.arange(self.data.num_users),
+                                       self.tables, self.head, self.round_index)
             self._served = (self.round_index, vectors)
         return self._served[1]
 

@@ -128,3 +128,14 @@ def refit(data: InteractionData, users: Tensor, tables: dict, head: Optional[Hea
         objective.backward()
         opt.step()
     return {k: v.detach() for k, v in vectors.items()}
+
+
+def refit_with(cfg, data: InteractionData, users: Tensor, tables: dict, head: Optional[Head],
+               round_index: int) -> dict:
+    """``refit`` with a run's settings (``fastfair.fl.runner.Config``: ``arch``, ``loss``,
+    ``negatives``, ``refit_epochs``, ``refit_lr``, ``refit_sample``, ``seed``) after
+    ``round_index`` rounds."""
+    return refit(data, users, tables, head, arch=cfg.arch, loss=cfg.loss,
+                 negatives_per_positive=cfg.negatives, epochs=cfg.refit_epochs,
+                 lr=cfg.refit_lr, sample=cfg.refit_sample,
+                 key=stream_key(cfg.seed, round_index))
