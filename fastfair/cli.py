@@ -41,9 +41,9 @@ from .fl.data import DATASETS, load_dataset, synthetic
 from .fl.model import ARCHS, HEAD_INITS
 from .fl.compress import COMPRESSORS
 from .fl.profiles import PROFILES
-from .fl.runner import (AGGREGATIONS, ASSIGNMENTS, COMPRESSIBLE, LOSSES, METHODS, OPTIMIZER_STATES,
-                        LEGACY_SETTINGS, OPTIMIZERS, WEIGHTINGS, Config, FederatedRunner,
-                        popularity_metrics)
+from .fl.runner import (AGGREGATIONS, ASSIGNMENTS, COMPRESSIBLE, FULL_TABLES, LEGACY_SETTINGS,
+                        LOSSES, METHODS, OPTIMIZER_STATES, OPTIMIZERS, WEIGHTINGS, Config,
+                        FederatedRunner, popularity_metrics)
 from .fl.tiers import fraction_label, parse_tiers
 
 ENGINES = ("inprocess", "flower")
@@ -63,7 +63,8 @@ TIMING_FIELDS = ("seconds", "eval_seconds")
 RESUMABLE_SETTINGS = ("rounds", "checkpoint_every", "quiet", "resume", "overwrite", "out",
                       "data_dir", "workers")
 
-_CHOICES = {"method": METHODS, "arch": ARCHS, "head_init": HEAD_INITS, "assignment": ASSIGNMENTS,
+_CHOICES = {"method": METHODS, "arch": ARCHS, "head_init": HEAD_INITS, "full_table": FULL_TABLES,
+            "assignment": ASSIGNMENTS,
             "optimizer": OPTIMIZERS,
             "optimizer_state": OPTIMIZER_STATES, "loss": LOSSES, "compressor": COMPRESSORS,
             "aggregation": AGGREGATIONS, "weighting": WEIGHTINGS}
@@ -72,6 +73,8 @@ _HELP = {
     "arch": "model",
     "head_init": "NeuMF dense layers' initialisation: NeuMF's usual (ncf) or nn.Linear's "
                  "default (torch, fastfair's before 2026-11-21)",
+    "full_table": "what full-capacity devices hold: the dense item tables, or hashed arrays "
+                  "of the same size with collisions (the FAIR reference code's compression 1)",
     "dim": "embedding dimension d",
     "assignment": "how users get tiers: seeded shuffle, or the most active get the largest",
     "clients_per_round": "clients sampled per round (without replacement)",

@@ -44,10 +44,13 @@ def _naive_dense(runner, name, update, view):
     return fastfair.expand_dense(update[f"{key}.weight"], spec, backend="reference")
 
 
-@pytest.mark.parametrize("method,tiers", [("fair", "2:0-1-2-3"), ("fair-inconsistent", "2:0-1-2-3"),
-                                          ("fedhm", "2:0-1-2-3"), ("heterofl", "2:0-1-2")])
-def test_aggregation_equals_the_naive_weighted_sum_of_uploads(data, method, tiers):
-    runner = FederatedRunner(data, _cfg(method=method, tiers=tiers))
+@pytest.mark.parametrize("method,tiers,full", [
+    ("fair", "2:0-1-2-3", "dense"), ("fair-inconsistent", "2:0-1-2-3", "dense"),
+    ("fedhm", "2:0-1-2-3", "dense"), ("heterofl", "2:0-1-2", "dense"),
+    ("fair", "2:0-1-2-3", "hashed"), ("fair-inconsistent", "2:0-1-2", "hashed"),
+    ("fedavg-full", "2:0-1-2", "hashed")])
+def test_aggregation_equals_the_naive_weighted_sum_of_uploads(data, method, tiers, full):
+    runner = FederatedRunner(data, _cfg(method=method, tiers=tiers, full_table=full))
     uploads = []
     for client in runner.eligible[:16].tolist():
         view = runner.view(client)
@@ -75,10 +78,13 @@ def test_aggregation_equals_the_naive_weighted_sum_of_uploads(data, method, tier
         torch.testing.assert_close(runner.tables[name], expect[name], rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("method,tiers", [("fair", "2:0-1-2-3"), ("fair-inconsistent", "2:0-1-2"),
-                                          ("fedhm", "2:0-1-2"), ("heterofl", "2:0-1-2")])
-def test_delta_aggregation_adds_the_naive_weighted_sum_of_changes(data, method, tiers):
-    runner = FederatedRunner(data, _cfg(method=method, tiers=tiers, aggregation="delta"))
+@pytest.mark.parametrize("method,tiers,full", [
+    ("fair", "2:0-1-2-3", "dense"), ("fair-inconsistent", "2:0-1-2", "dense"),
+    ("fedhm", "2:0-1-2", "dense"), ("heterofl", "2:0-1-2", "dense"),
+    ("fair", "2:0-1-2", "hashed")])
+def test_delta_aggregation_adds_the_naive_weighted_sum_of_changes(data, method, tiers, full):
+    runner = FederatedRunner(data, _cfg(method=method, tiers=tiers, aggregation="delta",
+                                        full_table=full))
     before = {name: t.clone() for name, t in runner.tables.items()}
     uploads, starts = [], []
     for client in runner.eligible[:12].tolist():
@@ -103,7 +109,7 @@ def test_delta_aggregation_adds_the_naive_weighted_sum_of_changes(data, method, 
         change[:, held] /= mass[held]
         change[:, ~held] = 0
         expect[name] = (before[name].double() + change).float()
-    model_rule = FederatedRunner(data, _cfg(method=method, tiers=tiers))
+    model_rule = FederatedRunner(data, _cfg(method=method, tiers=tiers, full_table=full))
     model_rule.aggregate_uploads(uploads)
     runner.aggregate_uploads(uploads)
     for name in runner.tables:
@@ -111,6 +117,49 @@ def test_delta_aggregation_adds_the_naive_weighted_sum_of_changes(data, method, 
         # Lossy views lose the part of the table they cannot represent under the reference rule.
         same = torch.allclose(model_rule.tables[name], expect[name], rtol=1e-5, atol=1e-6)
         assert same == (method == "heterofl")
+
+
+def test_hashed_full_tier_holds_an_array_the_size_of_the_table(data):
+    n, d = data.num_items, 8
+    runner = FederatedRunner(data, _cfg(tiers="2:0-1", full_table="hashed"))
+    dense = FederatedRunner(data, _cfg(tiers="2:0-1"))
+    full_client = int(torch.nonzero(runner.tier_of == 0)[0])
+    view = runner.view(full_client)
+    assert dense.view(full_client).specs["gmf"] is None
+    for name in ("gmf", "mlp"):
+        spec = view.specs[name]
+        assert spec.memory_size == fastfair.nested_size(n * d)
+        assert spec.collapse(2) == runner.layout[name][1]
+    model = runner.download(full_client, view)
+    assert isinstance(model.item_gmf, fastfair.nn.HashedEmbedding)
+    # With collisions the array cannot hold the global table exactly: the download is its
+    # projection, and the server's expansion of it differs from the table.
+    expanded = fastfair.expand_dense(model.item_gmf.weight.detach(), view.specs["gmf"])
+    assert not torch.allclose(expanded, runner.tables["gmf"], atol=1e-4)
+    assert runner.payload_bytes(view) == dense.payload_bytes(dense.view(full_client)) + \
+        4 * 2 * (spec.memory_size - n * d)
+
+
+def test_fair_with_only_hashed_full_devices_is_hashed_fedavg(data):
+    a = FederatedRunner(data, _cfg(method="fair", tiers="1:1", full_table="hashed"))
+    b = FederatedRunner(data, _cfg(method="fedavg-full", tiers="2:0-1-2", full_table="hashed"))
+    assert {str(b.view(c).specs["gmf"]) for c in b.eligible.tolist()} == \
+        {str(a.view(0).specs["gmf"])}
+    for _ in range(2):
+        a.run_round()
+        b.run_round()
+    for name in a.tables:
+        torch.testing.assert_close(a.tables[name], b.tables[name], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(full_table="sparse"), "full_table must be one of .*got 'sparse'"),
+    (dict(full_table="hashed", method="fedhm"), "full_table 'hashed' applies to .*'fedhm'"),
+    (dict(full_table="hashed", method="fedavg-full", aggregation="item-mean"),
+     "item-mean' needs dense views")])
+def test_full_table_settings_are_checked(data, kw, match):
+    with pytest.raises(ValueError, match=match):
+        FederatedRunner(data, _cfg(**kw))
 
 
 def test_heterofl_keeps_columns_nobody_held(data):

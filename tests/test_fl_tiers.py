@@ -194,6 +194,25 @@ def test_sizes_follow_the_request(n, d, chunk, spec):
             assert s.memory_size / target == pytest.approx(1, rel=2**-7)
 
 
+@pytest.mark.parametrize("n,d,chunk", GRID)
+def test_hash_full_heads_the_chain(n, d, chunk):
+    plain = tier_specs(n, d, ALL_POWERS, chunk_size=chunk, seed=3)
+    specs = tier_specs(n, d, ALL_POWERS, chunk_size=chunk, seed=3, hash_full=True)
+    full = specs[0]
+    assert full.memory_size == fastfair.nested_size(n * d, chunk)
+    assert full.memory_size / (n * d) == pytest.approx(1, rel=2**-7)
+    for small, dense_headed in zip(specs[1:], plain[1:]):
+        assert full.collapse(collapse_factor(full, small)) == small
+        # the hashed tiers are the sizes they were, so runs differ only in the full tier
+        assert small.memory_size / dense_headed.memory_size == pytest.approx(1, rel=2**-6)
+    assert tier_specs(n, d, "1:1", chunk_size=chunk, seed=3, hash_full=True) == [full]
+
+
+def test_hash_full_must_be_a_bool():
+    with pytest.raises(TypeError, match="hash_full must be a bool, got str"):
+        tier_specs(10, 4, "2:0-1", hash_full="yes")
+
+
 def test_tiny_fraction_gets_one_chunk():
     specs = tier_specs(100, 4, "1:0.5,1/1024:0.5", chunk_size=8)
     assert specs == [None, HashSpec(100, 4, 8, 8)]

@@ -62,7 +62,7 @@ from .model import (ARCHS, HEAD_INITS, ClientModel, Head, LowRankEmbedding, Slic
                     score_all_items)
 from .profiles import cluster_flops, load_profile, train_flops
 from .rounds import RoundRunner, check_tensors
-from .tiers import assign_tiers, parse_tiers, tier_specs
+from .tiers import Tier, assign_tiers, parse_tiers, tier_specs
 
 METHODS = ("fair", "fedavg-full", "exclusion", "fedhm", "heterofl", "fair-inconsistent")
 # Methods whose item tables are dense or hashed arrays, the views a compressor encodes.
@@ -76,6 +76,9 @@ WEIGHTINGS = ("data", "capacity")
 # item-mean averages each item's row over the devices that changed it: rows must be the same
 # rows on every device, i.e. every view dense.
 ITEM_MEAN_METHODS = ("fedavg-full", "exclusion")
+FULL_TABLES = ("dense", "hashed")
+# Methods whose full-capacity devices may hold a hashed array instead of the dense table.
+HASHED_FULL_METHODS = ("fair", "fair-inconsistent", "fedavg-full", "exclusion")
 BYTES_PER_PARAM = 4  # float32 on the wire
 INIT_STD = 0.01
 # Seeds of the inconsistent ablation: far from the shared seed so no device reuses it.
@@ -126,6 +129,12 @@ class Config:
     ``server_lr``: the server moves ``eta`` of the way to the aggregate,
     ``W <- W + eta (aggregate - W)``.
 
+    ``full_table``: what a full-capacity device (fraction 1; every device under
+    ``fedavg-full``) holds of each item table: the dense table, or ``"hashed"``: a hashed array
+    of about ``n d`` slots, the largest of the nested chain, as every client of the FAIR
+    reference code holds (compression 1 is an array the size of the table, with collisions).
+    Methods ``HASHED_FULL_METHODS`` only.
+
     ``user_step``: a device keeps this fraction of its private vectors' change in a round,
     ``u <- u + user_step (u_local - u)``. The reference code averages every user row over the
     round's K clients, so a user keeps about 1/K of its change (``user_step = 1/K`` with the
@@ -140,6 +149,7 @@ class Config:
     method: str = "fair"
     arch: str = "neumf"
     head_init: str = "ncf"
+    full_table: str = "dense"
     dim: int = 8
     tiers: str = "2:0-1"
     assignment: str = "random"
@@ -178,6 +188,7 @@ class Config:
     def check(self, data: InteractionData) -> None:
         """A clear ValueError for the first bad setting."""
         for name, allowed in (("method", METHODS), ("arch", ARCHS), ("head_init", HEAD_INITS),
+                              ("full_table", FULL_TABLES),
                               ("optimizer", OPTIMIZERS),
                               ("optimizer_state", OPTIMIZER_STATES), ("loss", LOSSES),
                               ("assignment", ASSIGNMENTS), ("aggregation", AGGREGATIONS),
@@ -210,6 +221,11 @@ class Config:
         if not ks or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in ks):
             raise ValueError(f"ks must be positive ints, got {self.ks!r}")
         self._check_compression()
+        if self.full_table == "hashed" and self.method not in HASHED_FULL_METHODS:
+            raise ValueError(f"full_table 'hashed' applies to methods "
+                             f"{', '.join(HASHED_FULL_METHODS)}, not {self.method!r}")
+        if self.full_table == "hashed" and self.aggregation == "item-mean":
+            raise ValueError("aggregation 'item-mean' needs dense views, not full_table 'hashed'")
         if self.aggregation == "item-mean" and self.method not in ITEM_MEAN_METHODS:
             raise ValueError(f"aggregation 'item-mean' needs every view dense (methods "
                              f"{', '.join(ITEM_MEAN_METHODS)}), not method {self.method!r}")
@@ -303,7 +319,15 @@ class FederatedRunner(RoundRunner):
         activity = data.train_counts() if config.assignment == "activity" else None
         self.tier_of = assign_tiers(data.num_users, self.tiers, seed=config.seed,
                                     by_activity=activity)
-        base = tier_specs(n, d, self.tiers, chunk_size=config.chunk_size, seed=config.seed)
+        hash_full = config.full_table == "hashed"
+        if config.method == "fedavg-full":
+            # Every device is full-capacity: the dense table, or one hashed array of about
+            # n d slots, for all.
+            base = tier_specs(n, d, [Tier(1.0, 1.0)], chunk_size=config.chunk_size,
+                              seed=config.seed, hash_full=hash_full) * len(self.tiers)
+        else:
+            base = tier_specs(n, d, self.tiers, chunk_size=config.chunk_size, seed=config.seed,
+                              hash_full=hash_full)
         # One hash per table kind; the MLP table's seed differs from the GMF table's.
         self.tier_specs = {name: [None if s is None else dataclasses.replace(s, seed=s.seed + k)
                                   for s in base]
@@ -356,7 +380,7 @@ class FederatedRunner(RoundRunner):
         n, d = self.data.num_items, self.cfg.dim
         method, fraction = self.cfg.method, self.tiers[t].fraction
         if method == "fedavg-full" or fraction == 1:
-            return None
+            return self.tier_specs[name][t]  # None: the dense table
         if method == "exclusion":
             return _EXCLUDED
         if method == "fedhm":

@@ -269,9 +269,11 @@ def _divisors(n: int) -> list[int]:
 
 
 def tier_specs(num_items: int, dim: int, tiers: TierSpec, *, chunk_size: int = 1,
-               seed: int = 0) -> list[Optional[HashSpec]]:
+               seed: int = 0, hash_full: bool = False) -> list[Optional[HashSpec]]:
     """The item-table spec of every tier of ``parse_tiers(tiers)``; ``None`` for fraction 1 (a
-    dense table).
+    dense table), unless ``hash_full``: then fraction 1 is a hashed array of about
+    ``num_items * dim`` slots too (with collisions, as every client of the FAIR reference code
+    holds), the largest of the chain.
 
     Hashed sizes nest: the largest hashed tier gets ``M = nested_size(f_max * num_items * dim,
     chunk_size)`` and every other hashed tier ``M // r`` for the ``r`` dividing
@@ -288,7 +290,9 @@ def tier_specs(num_items: int, dim: int, tiers: TierSpec, *, chunk_size: int = 1
     dim = _int("dim", dim, 1)
     chunk_size = _int("chunk_size", chunk_size, 1)
     seed = _int("seed", seed, 0, hashing.MAX_SEED - 1)
-    hashed = [t.fraction for t in tiers if t.fraction < 1]
+    if not isinstance(hash_full, bool):
+        raise TypeError(f"hash_full must be a bool, got {type(hash_full).__name__}")
+    hashed = [t.fraction for t in tiers if t.fraction < 1 or hash_full]
     if not hashed:
         return [None] * len(tiers)
     total = num_items * dim
@@ -296,7 +300,7 @@ def tier_specs(num_items: int, dim: int, tiers: TierSpec, *, chunk_size: int = 1
     sizes = [chunk_size * d for d in _divisors(big.memory_size // chunk_size)]
     specs: list[Optional[HashSpec]] = []
     for t in tiers:
-        if t.fraction == 1:
+        if t.fraction == 1 and not hash_full:
             specs.append(None)
             continue
         target = t.fraction * total
