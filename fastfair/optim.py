@@ -10,7 +10,10 @@ equals what ``torch.optim.Adam`` would hold after the same steps, up to float ro
 kernels evaluate torch's formula, ``p -= lr / (1 - b1^k) * m / (sqrt(v) / sqrt(1 - b2^k) +
 eps)``, with the per-step constants in float64).
 
-A step costs ``O(rows used x (d + steps missed))`` instead of ``O(table)``. Parameters whose
+A step costs ``O(rows used x (d + steps missed))`` instead of ``O(table)``; the numba kernel
+replays the missed steps of an element in closed form (a series in ``eps / sqrt(v)``, exact to
+the dtype's rounding; see ``fastfair.kernels.numba_backend``), which makes it ``O(rows used x
+d)`` except for elements whose ``v`` is too small for the series. Parameters whose
 gradient is dense are treated as fully used (plain Adam). Give it the sparse-gradient tables
 (``torch.nn.Embedding(sparse=True)``, ``fastfair.nn.HashedEmbedding(sparse=True)``) and the rest
 of the model to ``torch.optim.Adam``; call ``flush()`` before reading or sending the tables.

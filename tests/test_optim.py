@@ -250,6 +250,49 @@ def test_scatter_adam_kernel_matches_the_reference(rows, width):
     assert not torch.equal(out["numba"][0], p)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("rows,width,upto,with_grad", [
+    (1, 1, 3, True), (40, 1, 700, False), (33, 3, 250, True), (64, 8, 60, True),
+    (7, 13, 1, True), (50, 8, 2000, False)])
+def test_deferred_adam_replay_matches_the_step_by_step_reference(dtype, rows, width, upto,
+                                                                with_grad):
+    """The numba kernel replays missed steps in closed form (a series in eps / sqrt(v)) where
+    that is exact to rounding; the reference takes them one by one. Moments span the range
+    where the series holds and where it does not (v tiny or zero). The truth is the reference
+    in float64: in float32 it rounds every step, so it drifts further from it (to ~4e-6
+    relative here) than the numba kernel, which keeps each replay in float64."""
+    gen = torch.Generator().manual_seed(rows * width + upto)
+    table = 2 * rows + 3
+    p = torch.randn(table, width, generator=gen, dtype=torch.float64)
+    m = torch.randn(table, width, generator=gen, dtype=torch.float64) * 1e-3
+    # sqrt(v) from 1e-14 to 1e-1, r = eps / sqrt(v) from 1e6 down to 1e-7, every 5th row at
+    # most 1e-13 (where only the step-by-step replay is accurate); all normal float32 numbers
+    v = (10.0 ** (-28 + 26 * torch.rand(table, width, generator=gen, dtype=torch.float64)))
+    v[::5] *= 1e-26 / v[::5].max()
+    last = torch.randint(0, upto + 1, (table,), generator=gen, dtype=torch.int32)
+    zero = int(torch.nonzero(last == 0)[0]) if (last == 0).any() else None
+    if zero is not None:
+        m[zero] = v[zero] = 0
+    used = torch.randperm(table, generator=gen)[:rows]
+    grad = (torch.randn(rows, width, generator=gen, dtype=torch.float64) * 1e-2 if with_grad
+            else None)
+    group = dict(lr=0.01, betas=(0.9, 0.999))
+    truth = [t.clone() for t in (p, m, v, last)]
+    reference.deferred_adam(*truth, used, grad, upto,
+                            *DeferredAdam._constants(group, upto + 1, "cpu"), 0.9, 0.999, 1e-8)
+    state = [t.to(dtype, copy=True) for t in (p, m, v)] + [last.clone()]
+    backends.load("numba").deferred_adam(
+        *state, used, None if grad is None else grad.to(dtype), upto,
+        *DeferredAdam._constants(group, upto + 1, "cpu", dtype=dtype), 0.9, 0.999, 1e-8)
+    # float32: the inputs' own rounding (6e-8 of p ~ 1) bounds the absolute error
+    tol = dict(rtol=1e-6, atol=1e-7) if dtype == torch.float32 else dict(rtol=1e-13, atol=0)
+    for a, b in zip(state[:3], truth[:3]):
+        torch.testing.assert_close(a.double(), b, **tol)
+    assert torch.equal(state[3], truth[3])
+    moved = state[0] != p.to(dtype)
+    assert moved.any() and not moved[torch.isin(torch.arange(table), used, invert=True)].any()
+
+
 @pytest.mark.parametrize("cls", [ScatterAdam, DeferredAdam, LazyAdam])
 def test_sparse_gradients_must_be_row_sparse(cls):
     w = torch.nn.Parameter(torch.randn(4, 3))

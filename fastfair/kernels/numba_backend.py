@@ -1050,18 +1050,66 @@ def kmeans_rebuild_add_(out, rows, centroids, labels, scales, weight):
 
 
 # ---------------------------------------------------------------- deferred Adam (fastfair.optim)
+# The replay of J zero-gradient steps of an element in closed form. From step s (moments m, v,
+# x = sqrt(v)) step s + j has m b1^j, sqrt(v_j) = x b2^(j/2), and moves p by
+#
+#   step_size[s+j] m b1^j / (x b2^(j/2) inv[s+j] + eps)
+#     = (m / x) sum_n (-eps / x)^n  step_size[s+j] b1^j / (b2^(j/2) inv[s+j])^(n+1),
+#
+# a series in r_j = eps / (x b2^(j/2) inv[s+j]) < 1. Summed over j = 1..J = upto - s the
+# coefficients are T_n(s) = sum_j step_size[s+j] b1^j / (b2^(j/2) inv[s+j])^(n+1), one table per
+# call (they depend on s and upto only, not on the element), so a replay costs O(1) instead of
+# O(J). REPLAY_TERMS terms leave a relative error of at most r^REPLAY_TERMS, r = max_j r_j (at
+# j = J): below the dtype's rounding when r <= REPLAY_RATIO[dtype]. An element with a larger r
+# (a very small v) replays step by step as before.
+REPLAY_TERMS = 4
+REPLAY_RATIO = {np.dtype(np.float32): 1e-2, np.dtype(np.float64): 1e-4}
+
+
+@njit(cache=True)
+def _replay_tables(step_size, inv, b1, b2, upto, terms):
+    """``tails[n, s] = T_n(s)`` for replays ending at ``upto`` (backward recursion
+    ``T_n(s) = rho_n (step_size[s+1] / inv[s+1]^(n+1) + T_n(s+1))``, ``rho_n = b1 /
+    b2^((n+1)/2)``), and ``b1^J``, ``b2^J``, ``b2^(J/2)`` for ``J <= upto``."""
+    tails = np.zeros((terms, upto + 1))
+    for n in range(terms):
+        rho = b1 / np.sqrt(b2) ** (n + 1)
+        for s in range(upto - 1, -1, -1):
+            tails[n, s] = rho * (step_size[s + 1] / inv[s + 1] ** (n + 1) + tails[n, s + 1])
+    powers = np.empty((3, upto + 1))
+    powers[0, 0] = powers[1, 0] = powers[2, 0] = 1.0
+    half = np.sqrt(b2)
+    for j in range(1, upto + 1):
+        powers[0, j] = powers[0, j - 1] * b1
+        powers[1, j] = powers[1, j - 1] * b2
+        powers[2, j] = powers[2, j - 1] * half
+    return tails, powers
+
+
 @_parallel
-def _deferred_adam(p, m, v, last, rows, g, has_grad, upto, step_size, inv_bc2, b1, b2, eps):
+def _deferred_adam(p, m, v, last, rows, g, has_grad, upto, step_size, inv_bc2, b1, b2, eps,
+                   tails, powers, ratio):
     for r in prange(rows.size):
         i = rows[r]
         # A row never used has zero moments: its missed steps move nothing.
         start = last[i] if last[i] > 0 else upto
+        span = upto - start
         for j in range(p.shape[1]):
             mm, vv, pp = m[i, j], v[i, j], p[i, j]
-            for k in range(start + 1, upto + 1):
-                mm *= b1
-                vv *= b2
-                pp -= step_size[k] * mm / (np.sqrt(vv) * inv_bc2[k] + eps)
+            x = np.sqrt(vv)
+            if span > 0 and x > 0 and eps <= ratio * x * powers[2, span] * inv_bc2[upto]:
+                z = -eps / x
+                acc = 0.0
+                for n in range(tails.shape[0] - 1, -1, -1):
+                    acc = tails[n, start] + z * acc
+                pp -= mm / x * acc
+                mm *= powers[0, span]
+                vv *= powers[1, span]
+            else:
+                for k in range(start + 1, upto + 1):
+                    mm *= b1
+                    vv *= b2
+                    pp -= step_size[k] * mm / (np.sqrt(vv) * inv_bc2[k] + eps)
             if has_grad:
                 k = upto + 1
                 gg = g[r, j]
@@ -1074,16 +1122,20 @@ def _deferred_adam(p, m, v, last, rows, g, has_grad, upto, step_size, inv_bc2, b
 
 def deferred_adam(param, exp_avg, exp_avg_sq, last, rows, grad, upto, step_size, inv_bc2_sqrt,
                   beta1, beta2, eps):
-    """See ``reference.deferred_adam``; rows are independent, so they run in parallel."""
+    """See ``reference.deferred_adam``; rows are independent, so they run in parallel. Missed
+    steps are replayed in closed form (the series above) where that is exact to the dtype's
+    rounding, step by step elsewhere."""
     if rows.numel() == 0:
         return
     w = param.shape[1]
     g = grad if grad is not None else torch.zeros(1, w, dtype=param.dtype)
+    sizes, inv = step_size.numpy(), inv_bc2_sqrt.numpy()
+    tails, powers = _replay_tables(sizes, inv, float(beta1), float(beta2), upto, REPLAY_TERMS)
     work = rows.numel() * w
-    _deferred_adam(_serial(work), param.numpy(), exp_avg.numpy(), exp_avg_sq.numpy(),
-                   last.numpy(), rows.numpy(), g.contiguous().numpy(), grad is not None, upto,
-                   step_size.numpy(), inv_bc2_sqrt.numpy(), float(beta1), float(beta2),
-                   float(eps))
+    p = param.numpy()
+    _deferred_adam(_serial(work), p, exp_avg.numpy(), exp_avg_sq.numpy(), last.numpy(),
+                   rows.numpy(), g.contiguous().numpy(), grad is not None, upto, sizes, inv,
+                   float(beta1), float(beta2), float(eps), tails, powers, REPLAY_RATIO[p.dtype])
 
 
 @njit(cache=True)
