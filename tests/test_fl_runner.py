@@ -373,8 +373,24 @@ def _nan(update):
     return update
 
 
+def _inf_pair(update):  # +Inf and -Inf: their sum is NaN, not Inf
+    key = next(iter(update))
+    update[key] = update[key].clone()
+    update[key].view(-1)[:2] = torch.tensor([float("inf"), -float("inf")])
+    return update
+
+
+def test_finite_values_whose_sum_overflows_are_accepted():
+    from fastfair.fl.rounds import check_tensors
+    huge = torch.full((4, 3), 3e38)  # finite, sum overflows float32
+    assert check_tensors({"w": huge}, {"w": (4, 3)}) is None
+    huge[2, 1] = float("inf")
+    assert "NaN or Inf" in check_tensors({"w": huge}, {"w": (4, 3)})
+
+
 @pytest.mark.parametrize("bad,reason", [
     (_nan, "NaN or Inf"),
+    (_inf_pair, "NaN or Inf"),
     (lambda u: {k: v[:-1] for k, v in u.items()}, "has shape"),
     (lambda u: {k: v.double() for k, v in u.items()}, "not a float32 tensor"),
     (lambda u: {**u, "user_gmf": torch.zeros(8)}, "unexpected ['user_gmf']"),
