@@ -500,12 +500,11 @@ class FederatedRunner(RoundRunner):
                 with torch.no_grad():
                     module.weight.copy_(table[:, :spec.width])
                 return module
-            module = HashedEmbedding(n, d, memory_size=spec.memory_size,
-                                     chunk_size=spec.chunk_size, seed=spec.seed,
-                                     signed=spec.signed, sparse=adam)
-            with torch.no_grad():
-                module.weight.copy_(self._projection(name, spec))
-            return module
+            # The array given directly: an initialised one would be overwritten.
+            return HashedEmbedding(n, d, memory_size=spec.memory_size,
+                                   chunk_size=spec.chunk_size, seed=spec.seed,
+                                   signed=spec.signed, sparse=adam,
+                                   _weight=self._projection(name, spec).clone())
 
         model = ClientModel(self.cfg.arch, n, d, make_table)
         with torch.no_grad():
