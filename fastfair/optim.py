@@ -35,6 +35,7 @@ per parameter instead of SparseAdam's chain of sparse-masked tensor ops. It is w
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -121,6 +122,15 @@ class _RowAdam(torch.optim.Optimizer):
         return loss
 
 
+@functools.lru_cache(maxsize=16)
+def _adam_constants(lr: float, b1: float, b2: float, length: int, device: str, dtype):
+    k = torch.arange(length, dtype=torch.float64)
+    k[0] = 1  # index 0 is never used; keeps the division finite
+    step_size = lr / (1 - b1 ** k)
+    inv_bc2_sqrt = 1 / torch.sqrt(1 - b2 ** k)
+    return step_size.to(device, dtype), inv_bc2_sqrt.to(device, dtype)
+
+
 class DeferredAdam(_RowAdam):
     """Adam with deferred zero-gradient steps (see the module doc)."""
 
@@ -134,12 +144,13 @@ class DeferredAdam(_RowAdam):
 
     @staticmethod
     def _constants(group, upto: int, device, dtype=torch.float64):
+        """``step_size[k]`` and ``inv_bc2_sqrt[k]`` for ``k <= upto`` (the kernels only read
+        them). Tables are kept per setting, a power-of-two length at a time: each step would
+        otherwise rebuild ``upto + 1`` entries."""
         b1, b2 = group["betas"]
-        k = torch.arange(upto + 1, dtype=torch.float64)
-        k[0] = 1  # index 0 is never used; keeps the division finite
-        step_size = group["lr"] / (1 - b1 ** k)
-        inv_bc2_sqrt = 1 / torch.sqrt(1 - b2 ** k)
-        return step_size.to(device, dtype), inv_bc2_sqrt.to(device, dtype)
+        length = max(64, 1 << upto.bit_length())
+        step_size, inv = _adam_constants(group["lr"], b1, b2, length, str(device), dtype)
+        return step_size[:upto + 1], inv[:upto + 1]
 
     @staticmethod
     def _backend(group, device):
