@@ -41,9 +41,9 @@ from .fl.data import DATASETS, load_dataset, synthetic
 from .fl.model import ARCHS, HEAD_INITS
 from .fl.compress import COMPRESSORS
 from .fl.profiles import PROFILES
-from .fl.runner import (AGGREGATIONS, ASSIGNMENTS, COMPRESSIBLE, FULL_TABLES, LEGACY_SETTINGS,
-                        LOSSES, METHODS, OPTIMIZER_STATES, OPTIMIZERS, WEIGHTINGS, Config,
-                        FederatedRunner, popularity_metrics)
+from .fl.runner import (AGGREGATIONS, ASSIGNMENTS, COMPRESSIBLE, FULL_TABLES,
+                        HASHED_FULL_METHODS, LEGACY_SETTINGS, LOSSES, METHODS, OPTIMIZER_STATES,
+                        OPTIMIZERS, WEIGHTINGS, Config, FederatedRunner, popularity_metrics)
 from .fl.tiers import fraction_label, parse_tiers
 
 ENGINES = ("inprocess", "flower")
@@ -342,7 +342,10 @@ def _plan(args, data) -> list:
                 if args.command == "train":
                     config.check(data)  # raises, naming the methods a compressor applies to
                 continue
-            config.check(data)
+            # A method without hashed full tables is an n/a row of a comparison.
+            unhashable = config.full_table == "hashed" and method not in HASHED_FULL_METHODS
+            if not unhashable or args.command == "train":
+                config.check(data)
             stem = _file_stem(method, tiers, compressor)
             if stem in stems:
                 raise ValueError(f"tier mixes {stems[stem]!r} and {tiers!r} would share the "

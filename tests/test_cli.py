@@ -214,6 +214,9 @@ def _error(capsys, argv):
     (["train", *TINY, "--compressor", "actions", "--actions", "0"], "actions must be"),
     (["train", *TINY, "--method", "fedhm", "--compressor", "topk"], "applies to methods"),
     (["train", *TINY, "--profile", "nowhere.json"], "neither a built-in profile"),
+    (["train", *TINY, "--method", "heterofl", "--full-table", "hashed"],
+     "full_table 'hashed' applies to methods"),
+    (["compare", *TINY, "--methods", "fedhm", "--full-table", "hashed"], "no run can train"),
 ])
 def test_bad_arguments_give_one_error_line(capsys, argv, match, tmp_path):
     assert match in _error(capsys, [*argv, "--out", tmp_path / "out"] if argv else argv)
@@ -256,6 +259,20 @@ def test_entry_points(capsys, monkeypatch):
     done = subprocess.run([sys.executable, "-m", "fastfair", "train", "--tiers", "2:"],
                           capture_output=True, text=True, cwd=ROOT)
     assert done.returncode == 2 and done.stderr.startswith("fastfair: error: tier spec '2:'")
+
+
+def test_compare_with_hashed_full_tables_reports_methods_without_them_as_na(tmp_path, capsys):
+    out = tmp_path / "h"
+    assert cli.main(["compare", *TINY, "--rounds", "1", "--tiers", "2:0-1", "--full-table",
+                     "hashed", "--methods", "fair,fedhm,fedavg-full", "--out", out]) == 0
+    table = capsys.readouterr().out
+    rows = {line.split("|")[1].strip(): line for line in table.splitlines()
+            if line.startswith("| ") and "---" not in line}
+    assert "n/a: full_table 'hashed' applies to methods" in rows["fedhm"]
+    assert {r["method"] for r in _records(out)} == {"fair", "fedavg-full"}
+    runs = json.loads((out / "config.json").read_text())["runs"]
+    assert {r["method"]: r["trainable"] for r in runs} == {"fair": True, "fedhm": False,
+                                                          "fedavg-full": True}
 
 
 def test_compare_with_compressors_reports_upload_ratio_and_plots_it(tmp_path, capsys):
