@@ -5,10 +5,13 @@ are deferred. Adam keeps moving an entry after its gradient stops (``m <- b1 m``
 and an update every step), so a dense Adam step touches the whole table even when a batch used
 a few rows. Here a step touches only the rows in the (sparse) gradient: each row remembers the
 last step it reached, and the steps it missed are replayed, in order and with their own bias
-corrections, the next time the row is used or at ``flush()``. After ``flush()`` every parameter
-equals what ``torch.optim.Adam`` would hold after the same steps, up to float rounding (the
-kernels evaluate torch's formula, ``p -= lr / (1 - b1^k) * m / (sqrt(v) / sqrt(1 - b2^k) +
-eps)``, with the per-step constants in float64).
+corrections, when the row is next stepped, caught up (``catch_up``) or at ``flush()``. Given the
+same gradients, every parameter then equals what ``torch.optim.Adam`` would hold after the same
+steps, up to float rounding (the kernels evaluate torch's formula, ``p -= lr / (1 - b1^k) * m /
+(sqrt(v) / sqrt(1 - b2^k) + eps)``, with the per-step constants in float64). In training the
+gradients come from a forward that reads the rows: a row read with steps pending is read without
+them, and the trajectory is no longer Adam's. ``track(module)`` catches up the rows each forward
+of an embedding module reads before it reads them, which makes training equal Adam's.
 
 A step costs ``O(rows used x (d + steps missed))`` instead of ``O(table)``; the numba kernel
 replays the missed steps of an element in closed form (a series in ``eps / sqrt(v)``, exact to
@@ -42,6 +45,7 @@ import torch
 
 from .kernels import backends
 from .kernels import reference
+from .kernels.functional import hash_index
 
 
 def _check_row_sparse(p) -> None:
@@ -187,6 +191,46 @@ class DeferredAdam(_RowAdam):
             self._rows(state["exp_avg_sq"]), state["last"], rows,
             values.to(p.dtype).contiguous(), t, step_size, inv, b1, b2, group["eps"])
         state["step"] = t + 1
+
+    @torch.no_grad()
+    def catch_up(self, p, rows) -> None:
+        """Take the pending zero-gradient steps of rows ``rows`` (distinct, along ``p``'s first
+        dimension) now, so that reading them gives ``torch.optim.Adam``'s values."""
+        state = self.state.get(p)
+        if not state or rows.numel() == 0:
+            return
+        group = next(g for g in self.param_groups if any(q is p for q in g["params"]))
+        b1, b2 = group["betas"]
+        t, last = state["step"], state["last"]
+        rows = rows[(last[rows] > 0) & (last[rows] < t)]
+        if rows.numel() == 0:
+            return
+        step_size, inv = self._constants(group, t, p.device)
+        self._backend(group, p.device)[1](
+            self._rows(p.data), self._rows(state["exp_avg"]), self._rows(state["exp_avg_sq"]),
+            last, rows, None, t, step_size, inv, b1, b2, group["eps"])
+
+    def track(self, module):
+        """Catch up, before each forward of ``module`` (a ``torch.nn.Embedding``,
+        ``fastfair.nn.HashedEmbedding`` or ``HashedEmbeddingBag`` whose ``weight`` this optimizer
+        steps), the rows of ``weight`` that forward reads. Returns the hook's handle
+        (``handle.remove()`` stops it)."""
+        weight = getattr(module, "weight", None)
+        if not any(weight is q for g in self.param_groups for q in g["params"]):
+            raise ValueError(f"track: this optimizer does not step {type(module).__name__}'s "
+                             "weight")
+        spec = getattr(module, "spec", None)
+        if spec is None and weight.dim() != 2:
+            raise ValueError("track: expected an embedding module (a 2-D weight, or a hashed "
+                             f"module with a spec), got {type(module).__name__}")
+
+        def before_forward(mod, args):
+            ids = args[0].detach().reshape(-1).unique()
+            if spec is not None:
+                ids = hash_index(ids, spec, mod.backend)[0].reshape(-1).unique()
+            self.catch_up(weight, ids)
+
+        return module.register_forward_pre_hook(before_forward)
 
     @torch.no_grad()
     def flush(self) -> None:

@@ -61,6 +61,52 @@ def test_hashed_array_equals_torch_adam(backend):
     torch.testing.assert_close(sparse.weight, dense.weight, rtol=1e-5, atol=1e-6)
 
 
+def _train_nonlinear(module, opt, batches, seed):
+    """Training whose gradients depend on the rows' values (``sum r * out^2``), as a model's do."""
+    gen = torch.Generator().manual_seed(seed)
+    for idx in batches:
+        opt.zero_grad(set_to_none=True)
+        out = module(idx)
+        (out.pow(2) * torch.randn(out.shape, generator=gen, dtype=out.dtype)).sum().backward()
+        opt.step()
+    if hasattr(opt, "flush"):
+        opt.flush()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("hashed", [False, True])
+def test_tracked_modules_train_exactly_as_torch_adam(backend, hashed):
+    torch.manual_seed(7)
+    if hashed:
+        make = lambda sparse: HashedEmbedding(300, 5, memory_size=120, chunk_size=1, seed=2,
+                                              sparse=sparse, dtype=torch.float64)  # noqa: E731
+    else:
+        make = lambda sparse: torch.nn.Embedding(60, 5, sparse=sparse,  # noqa: E731
+                                                 dtype=torch.float64)
+    dense, tracked, untracked = make(False), make(True), make(True)
+    tracked.weight.data.copy_(dense.weight.data)
+    untracked.weight.data.copy_(dense.weight.data)
+    rows = 300 if hashed else 60
+    batches = _batches(5, rows, 30, seed=8)
+    _train_nonlinear(dense, torch.optim.Adam(dense.parameters(), lr=0.05, foreach=False),
+                     batches, 9)
+    opt = DeferredAdam(tracked.parameters(), lr=0.05, backend=backend)
+    handle = opt.track(tracked)
+    _train_nonlinear(tracked, opt, batches, 9)
+    handle.remove()
+    _train_nonlinear(untracked, DeferredAdam(untracked.parameters(), lr=0.05, backend=backend),
+                     batches, 9)
+    torch.testing.assert_close(tracked.weight, dense.weight, rtol=1e-11, atol=1e-12)
+    # Without the hook, forwards read rows without their pending steps: not Adam's trajectory.
+    assert (untracked.weight - dense.weight).abs().max() > 1e-6
+
+
+def test_track_refuses_a_module_it_does_not_step():
+    a, b = torch.nn.Embedding(10, 3, sparse=True), torch.nn.Embedding(10, 3, sparse=True)
+    with pytest.raises(ValueError, match="does not step Embedding"):
+        DeferredAdam(a.parameters()).track(b)
+
+
 def test_dense_gradients_are_plain_adam_and_state_round_trips():
     torch.manual_seed(1)
     a = torch.nn.Linear(4, 3)
