@@ -272,25 +272,32 @@ def _slots(memory_size, chunk_size):
     return np.uint64(nslots), _mod_magic(nslots)
 
 
+@njit(cache=True, inline="always")
+def _index_row(row, dim, z, nslots, magic, ka, ks, signed, idx, sign):
+    """``idx[k] = Z (addr_hash(row, k // Z) mod m/Z) + k mod Z`` and, if signed,
+    ``sign[k] = 1 - 2 bit_{k mod 32}(sign_word(row, k // 32))`` for ``k < dim`` (``ka``, ``ks``
+    as ``uint64``)."""
+    hr = _row_hash(row, ka)
+    for c in range((dim + z - 1) // z):
+        k0 = c * z
+        base = z * np.int64(_fastmod(_word(hr, c), magic, nslots)) - k0
+        for k in range(k0, min(k0 + z, dim)):
+            idx[k] = base + k
+    if signed:
+        hs = _row_hash(row, ks)
+        for wi in range((dim + 31) >> 5):
+            sw = _word(hs, wi)
+            for k in range(wi << 5, min((wi + 1) << 5, dim)):
+                sign[k] = 1 - 2 * np.int8((sw >> np.uint64(k & 31)) & _U1)
+
+
 @_parallel
 def _hash_index(rows, dim, z, nslots, magic, ka, ks, signed, idx, sign):
-    """``idx[r, k] = Z (addr_hash(i, k // Z) mod m/Z) + k mod Z`` and, if signed,
-    ``sign[r, k] = 1 - 2 bit_{k mod 32}(sign_word(i, k // 32))`` for ``i = rows[r]``."""
+    """``_index_row`` of every ``rows[r]`` into ``idx[r]``, ``sign[r]``."""
     ka = np.uint64(ka)
     ks = np.uint64(ks)
     for r in prange(rows.shape[0]):
-        hr = _row_hash(rows[r], ka)
-        hs = _row_hash(rows[r], ks)
-        for c in range((dim + z - 1) // z):
-            k0 = c * z
-            base = z * np.int64(_fastmod(_word(hr, c), magic, nslots)) - k0
-            for k in range(k0, min(k0 + z, dim)):
-                idx[r, k] = base + k
-        if signed:
-            for wi in range((dim + 31) >> 5):
-                sw = _word(hs, wi)
-                for k in range(wi << 5, min((wi + 1) << 5, dim)):
-                    sign[r, k] = 1 - 2 * np.int8((sw >> np.uint64(k & 31)) & _U1)
+        _index_row(rows[r], dim, z, nslots, magic, ka, ks, signed, idx[r], sign[r])
 
 
 def hash_index(rows, dim, memory_size, chunk_size, seed, signed):
@@ -1086,6 +1093,35 @@ def _replay_tables(step_size, inv, b1, b2, upto, terms):
     return tails, powers
 
 
+@njit(cache=True, inline="always")
+def _adam_entry(pp, mm, vv, start, upto, gg, has_grad, step_size, inv_bc2, b1, b2, eps, tails,
+                powers, ratio):
+    """One element's Adam steps ``start + 1 .. upto`` with zero gradient (in closed form where
+    exact, see above), then step ``upto + 1`` with gradient ``gg`` if ``has_grad``; returns the
+    new ``(p, m, v)``."""
+    span = upto - start
+    x = np.sqrt(vv)
+    if span > 0 and x > 0 and eps <= ratio * x * powers[2, span] * inv_bc2[upto]:
+        z = -eps / x
+        acc = 0.0
+        for n in range(tails.shape[0] - 1, -1, -1):
+            acc = tails[n, start] + z * acc
+        pp -= mm / x * acc
+        mm *= powers[0, span]
+        vv *= powers[1, span]
+    else:
+        for k in range(start + 1, upto + 1):
+            mm *= b1
+            vv *= b2
+            pp -= step_size[k] * mm / (np.sqrt(vv) * inv_bc2[k] + eps)
+    if has_grad:
+        k = upto + 1
+        mm = b1 * mm + (1 - b1) * gg
+        vv = b2 * vv + (1 - b2) * gg * gg
+        pp -= step_size[k] * mm / (np.sqrt(vv) * inv_bc2[k] + eps)
+    return pp, mm, vv
+
+
 @_parallel
 def _deferred_adam(p, m, v, last, rows, g, has_grad, upto, step_size, inv_bc2, b1, b2, eps,
                    tails, powers, ratio):
@@ -1093,30 +1129,11 @@ def _deferred_adam(p, m, v, last, rows, g, has_grad, upto, step_size, inv_bc2, b
         i = rows[r]
         # A row never used has zero moments: its missed steps move nothing.
         start = last[i] if last[i] > 0 else upto
-        span = upto - start
         for j in range(p.shape[1]):
-            mm, vv, pp = m[i, j], v[i, j], p[i, j]
-            x = np.sqrt(vv)
-            if span > 0 and x > 0 and eps <= ratio * x * powers[2, span] * inv_bc2[upto]:
-                z = -eps / x
-                acc = 0.0
-                for n in range(tails.shape[0] - 1, -1, -1):
-                    acc = tails[n, start] + z * acc
-                pp -= mm / x * acc
-                mm *= powers[0, span]
-                vv *= powers[1, span]
-            else:
-                for k in range(start + 1, upto + 1):
-                    mm *= b1
-                    vv *= b2
-                    pp -= step_size[k] * mm / (np.sqrt(vv) * inv_bc2[k] + eps)
-            if has_grad:
-                k = upto + 1
-                gg = g[r, j]
-                mm = b1 * mm + (1 - b1) * gg
-                vv = b2 * vv + (1 - b2) * gg * gg
-                pp -= step_size[k] * mm / (np.sqrt(vv) * inv_bc2[k] + eps)
-            m[i, j], v[i, j], p[i, j] = mm, vv, pp
+            gg = g[r, j] if has_grad else 0.0
+            p[i, j], m[i, j], v[i, j] = _adam_entry(
+                np.float64(p[i, j]), np.float64(m[i, j]), np.float64(v[i, j]), start, upto, gg,
+                has_grad, step_size, inv_bc2, b1, b2, eps, tails, powers, ratio)
         last[i] = upto + 1 if has_grad else upto
 
 
@@ -1928,3 +1945,234 @@ def lsh_softmax_loss(logits, tgt_offsets, tgt_pos):
                       tgt_pos.detach().long().numpy(), float(max(B, 1)), per, grad)
     loss = per.sum() / max(B, 1)
     return torch.tensor(loss, dtype=logits.dtype), torch.from_numpy(grad)
+
+
+# ---------------------------------------------------------------- fused NCF local training
+# (fastfair.fl.fused drives these and states the math; its reference is the autograd loop of
+# fastfair.fl.runner.train_client.) A table is a flat array ``w`` read through addresses and signs
+# computed per looked-up row: ``idx = i d + k`` for a dense table, ``_index_row`` for a hashed one.
+# Its Adam state is one ``[size, 4]`` array ``st`` of ``(m, v, last step, unused)`` per address:
+# the addresses a step touches are scattered over tables far larger than the caches, and keeping
+# an address's state in one 16-byte record makes each a single cache miss beside ``w``'s, not
+# three. ``last`` is stored as a float (exact below 2^24 steps). Small parameters (user vectors,
+# head) sit in one flat array ``x`` laid out as ``[p (d) | p' (d) | W (d x 2d) | b (d) | a (2d) |
+# c (1)]`` (MF: ``[p]`` only).
+
+
+@njit(cache=True, inline="always")
+def _ncf_rows(items, lo, nb, cols, t, hashed, dim, z, nslots, magic, ka, ks, signed, w, st, idx,
+              sgn, q, upto, step_size, inv_bc2, b1, b2, eps, tails, powers, ratio):
+    """Addresses, signs and values of table ``t``'s rows for the ``nb x cols`` items from row
+    ``lo`` of ``items``. An address read with deferred steps pending takes them first (so the
+    values read are plain Adam's after ``upto`` steps)."""
+    for r in range(nb * cols):
+        item = items[lo + r // cols, r % cols]
+        if hashed:
+            _index_row(item, dim, z, nslots, magic, ka, ks, signed, idx[t, r], sgn[t, r])
+        else:
+            for k in range(dim):
+                idx[t, r, k] = item * dim + k
+        for k in range(dim):
+            a = idx[t, r, k]
+            last = np.int64(st[a, 2])
+            if 0 < last < upto:
+                w[a], st[a, 0], st[a, 1] = _adam_entry(
+                    np.float64(w[a]), np.float64(st[a, 0]), np.float64(st[a, 1]), last, upto,
+                    0.0, False, step_size, inv_bc2, b1, b2, eps, tails, powers, ratio)
+                st[a, 2] = upto
+            q[t, r, k] = sgn[t, r, k] * np.float64(w[a])
+
+
+@njit(cache=True, inline="always")
+def _ncf_table_step(w, st, idx, sgn, gq, rows, dim, upto, step_size, inv_bc2, b1, b2, eps, ratio,
+                    tails, powers, addr, val, saved):
+    """Adam step ``upto + 1`` of one table: the rows' gradients ``sgn * gq`` summed per address
+    (entry order; ``last`` marks addresses already met, as ``_coalesce_rows`` does), then each
+    address's step (``_ncf_rows`` brought them to step ``upto``)."""
+    count = 0
+    for r in range(rows):
+        for k in range(dim):
+            a = idx[r, k]
+            g = sgn[r, k] * gq[r, k]
+            s = np.int64(st[a, 2])
+            if s >= 0:
+                saved[count] = s
+                st[a, 2] = -1 - count
+                addr[count] = a
+                val[count] = g
+                count += 1
+            else:
+                val[-1 - s] += g
+    for e in range(count):
+        a = addr[e]
+        start = saved[e] if saved[e] > 0 else upto
+        w[a], st[a, 0], st[a, 1] = _adam_entry(
+            np.float64(w[a]), np.float64(st[a, 0]), np.float64(st[a, 1]), start, upto, val[e],
+            True, step_size, inv_bc2, b1, b2, eps, tails, powers, ratio)
+        st[a, 2] = upto + 1
+
+
+@njit(cache=True)
+def _ncf_epoch(items, batch, neumf, bpr, reg, dim, w0, st0, h0, w1, st1, h1, x, xm, xv, step,
+               step_size, inv_bc2, b1, b2, eps, ratio):
+    """One epoch of local training over ``items`` ``[P, 1 + negatives]`` (positive first), in
+    batches of ``batch`` rows from the top; Adam steps ``step + 1 ..``. ``h0``/``h1``: ``(hashed,
+    z, nslots, magic, ka, ks, signed)`` of each table (``w1`` unused for MF). Returns the summed
+    batch loss times batch size, and the step reached."""
+    P, cols = items.shape
+    rmax = min(batch, P) * cols
+    tabs = 2 if neumf else 1
+    idx = np.empty((2, rmax, dim), dtype=np.int64)
+    sgn = np.ones((2, rmax, dim), dtype=np.int8)
+    q = np.empty((2, rmax, dim))
+    gq = np.empty((2, rmax, dim))
+    hid = np.empty((rmax, dim))
+    s = np.empty(rmax)
+    gs = np.empty(rmax)
+    gx = np.empty(x.shape[0])
+    uz = np.empty(dim)
+    addr = np.empty(rmax * dim, dtype=np.int64)
+    val = np.empty(rmax * dim)
+    saved = np.empty(rmax * dim, dtype=np.int64)
+    ow, ob, oa, oc = 2 * dim, 2 * dim + 2 * dim * dim, 3 * dim + 2 * dim * dim, \
+        5 * dim + 2 * dim * dim
+    total = 0.0
+    for lo in range(0, P, batch):
+        nb = min(batch, P - lo)
+        rows = nb * cols
+        tails, powers = _replay_tables(step_size, inv_bc2, b1, b2, step, REPLAY_TERMS)
+        _ncf_rows(items, lo, nb, cols, 0, h0[0], dim, h0[1], h0[2], h0[3], h0[4], h0[5], h0[6],
+                  w0, st0, idx, sgn, q, step, step_size, inv_bc2, b1, b2, eps, tails, powers,
+                  ratio)
+        if neumf:
+            _ncf_rows(items, lo, nb, cols, 1, h1[0], dim, h1[1], h1[2], h1[3], h1[4], h1[5],
+                      h1[6], w1, st1, idx, sgn, q, step, step_size, inv_bc2, b1, b2, eps, tails,
+                      powers, ratio)
+            for j in range(dim):
+                acc = np.float64(x[ob + j])
+                for k in range(dim):
+                    acc += np.float64(x[ow + j * 2 * dim + k]) * x[dim + k]
+                uz[j] = acc
+        # Scores.
+        for r in range(rows):
+            if neumf:
+                acc = np.float64(x[oc])
+                for k in range(dim):
+                    acc += np.float64(x[oa + k]) * x[k] * q[0, r, k]
+                for j in range(dim):
+                    zj = uz[j]
+                    for k in range(dim):
+                        zj += np.float64(x[ow + j * 2 * dim + dim + k]) * q[1, r, k]
+                    hid[r, j] = zj
+                    if zj > 0:
+                        acc += np.float64(x[oa + dim + j]) * zj
+                s[r] = acc
+            else:
+                acc = 0.0
+                for k in range(dim):
+                    acc += np.float64(x[k]) * q[0, r, k]
+                s[r] = acc
+        # Loss and its gradient in the scores.
+        loss = 0.0
+        if bpr:
+            pairs = nb * (cols - 1)
+            for r in range(rows):
+                gs[r] = 0.0
+            for b in range(nb):
+                for j in range(1, cols):
+                    u = s[b * cols] - s[b * cols + j]
+                    # -log sigma(u) = softplus(-u), stably; its derivative is -sigma(-u).
+                    if u >= 0:
+                        e = np.exp(-u)
+                        loss += np.log1p(e)
+                        g = -e / (1.0 + e) / pairs
+                    else:
+                        e = np.exp(u)
+                        loss += np.log1p(e) - u
+                        g = -1.0 / (1.0 + e) / pairs
+                    gs[b * cols] += g
+                    gs[b * cols + j] -= g
+            loss /= pairs
+        else:
+            for r in range(rows):
+                y = 1.0 if r % cols == 0 else 0.0
+                u = s[r]
+                # binary cross-entropy with logits: softplus(u) - y u; derivative sigma(u) - y.
+                if u >= 0:
+                    e = np.exp(-u)
+                    loss += u + np.log1p(e) - y * u
+                    gs[r] = (1.0 / (1.0 + e) - y) / rows
+                else:
+                    e = np.exp(u)
+                    loss += np.log1p(e) - y * u
+                    gs[r] = (e / (1.0 + e) - y) / rows
+            loss /= rows
+        # Backward.
+        for i in range(x.shape[0]):
+            gx[i] = 0.0
+        scale = 2.0 * reg / nb
+        for r in range(rows):
+            g = gs[r]
+            if neumf:
+                gx[oc] += g
+                for k in range(dim):
+                    gx[oa + k] += g * x[k] * q[0, r, k]
+                    gx[k] += g * x[oa + k] * q[0, r, k]
+                    gq[0, r, k] = g * x[oa + k] * x[k]
+                    gq[1, r, k] = 0.0
+                for j in range(dim):
+                    zj = hid[r, j]
+                    if zj > 0:
+                        gx[oa + dim + j] += g * zj
+                        dz = g * x[oa + dim + j]
+                        gx[ob + j] += dz
+                        row = ow + j * 2 * dim
+                        for k in range(dim):
+                            gx[row + k] += dz * x[dim + k]
+                            gx[row + dim + k] += dz * q[1, r, k]
+                            gx[dim + k] += dz * x[row + k]
+                            gq[1, r, k] += dz * x[row + dim + k]
+            else:
+                for k in range(dim):
+                    gx[k] += g * q[0, r, k]
+                    gq[0, r, k] = g * x[k]
+            if reg:
+                for t in range(tabs):
+                    for k in range(dim):
+                        gq[t, r, k] += scale * q[t, r, k]
+        if reg:
+            for k in range(tabs * dim):
+                gx[k] += scale * x[k]
+                loss += reg * np.float64(x[k]) * x[k] / nb
+            for t in range(tabs):
+                for r in range(rows):
+                    for k in range(dim):
+                        loss += reg * q[t, r, k] * q[t, r, k] / nb
+        total += loss * nb
+        # Adam: the tables' rows, then every small parameter.
+        _ncf_table_step(w0, st0, idx[0], sgn[0], gq[0], rows, dim, step, step_size, inv_bc2, b1,
+                        b2, eps, ratio, tails, powers, addr, val, saved)
+        if neumf:
+            _ncf_table_step(w1, st1, idx[1], sgn[1], gq[1], rows, dim, step, step_size, inv_bc2,
+                            b1, b2, eps, ratio, tails, powers, addr, val, saved)
+        step += 1
+        for i in range(x.shape[0]):
+            g = gx[i]
+            mm = b1 * xm[i] + (1 - b1) * g
+            vv = b2 * xv[i] + (1 - b2) * g * g
+            xm[i], xv[i] = mm, vv
+            x[i] -= step_size[step] * mm / (np.sqrt(vv) * inv_bc2[step] + eps)
+    return total, step
+
+
+@njit(cache=True)
+def _ncf_flush(w, st, upto, step_size, inv_bc2, b1, b2, eps, ratio):
+    """Every deferred step of a table up to ``upto`` (``DeferredAdam.flush``)."""
+    tails, powers = _replay_tables(step_size, inv_bc2, b1, b2, upto, REPLAY_TERMS)
+    for a in range(w.shape[0]):
+        last = np.int64(st[a, 2])
+        if 0 < last < upto:
+            w[a], st[a, 0], st[a, 1] = _adam_entry(
+                np.float64(w[a]), np.float64(st[a, 0]), np.float64(st[a, 1]), last, upto, 0.0,
+                False, step_size, inv_bc2, b1, b2, eps, tails, powers, ratio)
+            st[a, 2] = upto
