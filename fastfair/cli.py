@@ -41,9 +41,10 @@ from .fl.data import DATASETS, load_dataset, synthetic
 from .fl.model import ARCHS, HEAD_INITS
 from .fl.compress import COMPRESSORS
 from .fl.profiles import PROFILES
-from .fl.runner import (AGGREGATIONS, ASSIGNMENTS, COMPRESSIBLE, FULL_TABLES,
-                        HASHED_FULL_METHODS, LEGACY_SETTINGS, LOSSES, METHODS, OPTIMIZER_STATES,
-                        OPTIMIZERS, WEIGHTINGS, Config, FederatedRunner, popularity_metrics)
+from .fl.runner import (AGGREGATIONS, ASSIGNMENTS, COMPRESSIBLE, DATA_STEP, FULL_TABLES,
+                        HASHED_FULL_METHODS, LEGACY_SETTINGS, LOCAL_KERNELS, LOSSES, METHODS,
+                        NEGATIVE_SAMPLINGS, OPTIMIZER_STATES, OPTIMIZERS, WEIGHTINGS, Config,
+                        FederatedRunner, popularity_metrics)
 from .fl.tiers import fraction_label, parse_tiers
 
 ENGINES = ("inprocess", "flower")
@@ -67,7 +68,8 @@ _CHOICES = {"method": METHODS, "arch": ARCHS, "head_init": HEAD_INITS, "full_tab
             "assignment": ASSIGNMENTS,
             "optimizer": OPTIMIZERS,
             "optimizer_state": OPTIMIZER_STATES, "loss": LOSSES, "compressor": COMPRESSORS,
-            "aggregation": AGGREGATIONS, "weighting": WEIGHTINGS}
+            "aggregation": AGGREGATIONS, "weighting": WEIGHTINGS,
+            "negative_sampling": NEGATIVE_SAMPLINGS, "local_kernel": LOCAL_KERNELS}
 _SHORT = {"clients_per_round": "-K", "local_epochs": "-E"}
 _HELP = {
     "arch": "model",
@@ -85,7 +87,12 @@ _HELP = {
     "optimizer": "client optimizer",
     "optimizer_state": "fresh optimizer every round, or one kept on each client",
     "loss": "training loss",
-    "negatives": "uniform negatives per positive, redrawn every epoch",
+    "negatives": "negatives per positive, redrawn every epoch",
+    "negative_sampling": "draw negatives uniformly over every item (uniform), or over the items "
+                         "outside the client's training interactions (unseen, the reference "
+                         "code)",
+    "local_kernel": "how clients train locally: compiled kernels where they apply (fused; "
+                    "autograd elsewhere), or always autograd (the same round, to rounding)",
     "reg": "L2 weight on the embeddings each batch uses",
     "aggregation": "average what clients hold (model, the reference rule), what they changed "
                    "(delta), or each item's change over the clients that changed it "
@@ -111,7 +118,9 @@ _HELP = {
     "deadline": "simulated round deadline in seconds (0: the profile's)",
     "server_lr": "server learning rate: move this far towards the aggregate",
     "user_step": "fraction of a round's change a device keeps in its private user vectors "
-                 "(the reference code's averaging of user rows is about 1/K)",
+                 "(the reference code's averaging of user rows is about 1/K), or 'data': "
+                 "the client's weight over the total weight of the clients the round "
+                 "aggregates (that averaging's own step)",
     "refit_epochs": "serve users with vectors refit to the global model by this many Adam "
                     "steps (0: their private training vectors)",
     "refit_lr": "learning rate of the serving refit",
@@ -144,9 +153,22 @@ def _non_negative(text: str) -> int:
     return value
 
 
+def _user_step(text: str):
+    """``--user-step``: a float (``Config.check`` tests its range) or ``"data"``."""
+    if text.strip() == DATA_STEP:
+        return DATA_STEP
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"user_step must be a float in (0, 1] or {DATA_STEP!r}, got {text!r}") from None
+
+
 # argparse names the type in its message ("invalid _positive value"); these read better.
 _positive.__name__ = "positive int"
 _non_negative.__name__ = "int >= 0"
+# Options whose values are not of their default's type.
+_TYPES = {"user_step": (_user_step, f"FLOAT|{DATA_STEP}")}
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
@@ -173,9 +195,10 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
         if kind is bool:
             train.add_argument(*flags, dest=name, action="store_true", help=_HELP.get(name))
             continue
+        kind, metavar = _TYPES.get(name, (kind, None if name in _CHOICES
+                                          else kind.__name__.upper()))
         train.add_argument(*flags, dest=name, type=kind, default=field.default,
-                           choices=_CHOICES.get(name),
-                           metavar=None if name in _CHOICES else kind.__name__.upper(),
+                           choices=_CHOICES.get(name), metavar=metavar,
                            help=f"{_HELP.get(name, name)} (default: %(default)s)")
     train.add_argument("--k", dest="ks", type=_positive, action="append", metavar="K",
                        help="metric cut-off, repeatable; the first is the one plotted "
@@ -757,6 +780,9 @@ def _setup(argv: list):
         if args.workers != 1:
             raise ValueError(f"--workers {args.workers} applies to the in-process engine; "
                              "Flower runs its clients on its own nodes")
+        if args.user_step == DATA_STEP:
+            raise ValueError(f"--user-step {DATA_STEP} needs the weights of every client of "
+                             "the round before a device keeps its step: in-process engine only")
         try:
             from .fl import flower  # noqa: F401  (fail before any file is written)
         except ImportError as err:

@@ -164,6 +164,7 @@ def test_resume_continues_bit_identically(tmp_path, monkeypatch, capsys):
     # A run written before a setting existed resumes with that setting at its default.
     config = json.loads((broken / "config.json").read_text())
     del config["settings"]["weighting"]
+    del config["settings"]["negative_sampling"]
     (broken / "config.json").write_text(json.dumps(config))
     # A setting whose default changed when it was added: the run used the old value.
     config = json.loads((broken / "config.json").read_text())
@@ -217,6 +218,14 @@ def _error(capsys, argv):
     (["train", *TINY, "--method", "heterofl", "--full-table", "hashed"],
      "full_table 'hashed' applies to methods"),
     (["compare", *TINY, "--methods", "fedhm", "--full-table", "hashed"], "no run can train"),
+    (["train", *TINY, "--user-step", "foo"],
+     "argument --user-step: user_step must be a float in (0, 1] or 'data', got 'foo'"),
+    (["train", *TINY, "--user-step", "1.5"],
+     "user_step must be a float in (0, 1] or 'data', got 1.5"),
+    (["train", *TINY, "--negative-sampling", "popular"],
+     "argument --negative-sampling: invalid choice: 'popular'"),
+    (["train", *TINY, "--engine", "flower", "--user-step", "data"],
+     "--user-step data needs the weights of every client"),
 ])
 def test_bad_arguments_give_one_error_line(capsys, argv, match, tmp_path):
     assert match in _error(capsys, [*argv, "--out", tmp_path / "out"] if argv else argv)
@@ -329,3 +338,34 @@ def test_compare_adaptive_actions_under_a_profile(tmp_path):
     (record,) = _records(out)
     assert record["compressor"] == "actions" and record["sim_seconds"] > 0
     assert all(c["actions_mean"] >= 1 for c in record["by_class"].values())
+
+
+def test_negative_sampling_and_data_user_step_reach_the_config(tmp_path):
+    args = cli.build_parser().parse_args(["train", "--negative-sampling", "unseen",
+                                          "--user-step", "data"])
+    assert args.negative_sampling == "unseen" and args.user_step == "data"
+    args = cli.build_parser().parse_args(["train", "--user-step", "0.25"])
+    assert args.user_step == 0.25 and args.negative_sampling == "uniform"
+    out = tmp_path / "run"
+    argv = ["train", *TINY, "--rounds", "2", "--negative-sampling", "unseen", "--user-step",
+            "data", "--dropout", "0.2", "--out", out]
+    assert cli.main([str(a) for a in argv]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["settings"]["negative_sampling"] == "unseen"
+    assert config["settings"]["user_step"] == "data"
+    (run,) = config["runs"]
+    assert run["config"]["negative_sampling"] == "unseen" and run["config"]["user_step"] == "data"
+    state = torch.load(out / "checkpoints" / "fair__2_0-1.pt", weights_only=True)
+    assert state["config"]["negative_sampling"] == "unseen"
+    assert state["config"]["user_step"] == "data"
+    # the same run from Python
+    data = cli._load_data(cli.build_parser().parse_args(["train", *TINY]))
+    runner = FederatedRunner(data, Config(**{**state["config"],
+                                             "ks": tuple(state["config"]["ks"])}))
+    for _ in range(2):
+        runner.run_round()
+    assert state_equal(runner.state_dict(), state)
+    # and --resume to a further round accepts the settings it was written with
+    assert cli.main([str(a) for a in argv[:-2]] + ["--rounds", "3", "--resume", "--out",
+                                                   str(out)]) == 0
+    assert [r["round"] for r in _records(out, "rounds.jsonl")] == [1, 2, 3]

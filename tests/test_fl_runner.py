@@ -1,5 +1,7 @@
 """The federated runner: aggregation, privacy of user state, memory of small devices, bytes."""
 
+import tracemalloc
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -220,10 +222,13 @@ def test_download_is_the_projection_and_nests(data):
     torch.testing.assert_close(fastfair.expand_dense(model.item_gmf.weight.detach(), spec), proj)
 
 
-def test_small_device_never_holds_anything_table_sized():
-    """A 1/1024 client's local round, every torch op intercepted: no tensor of num_items x d."""
+@pytest.mark.parametrize("kernel", ["autograd", "fused"])
+def test_small_device_never_holds_anything_table_sized(kernel):
+    """A 1/1024 client's local round, every torch op intercepted (and, for the fused kernel,
+    every numpy allocation traced): nothing of num_items x d."""
     data = synthetic(num_users=20, num_items=40_000, dim=8, seed=2)
-    runner = FederatedRunner(data, _cfg(method="fair", tiers="2:0-10", dim=16))
+    runner = FederatedRunner(data, _cfg(method="fair", tiers="2:0-10", dim=16,
+                                        local_kernel=kernel))
     small = int(torch.nonzero(runner.tier_of == 1)[0])
     view = runner.view(small)
     assert view.specs["gmf"].memory_size <= 40_000 * 16 // 1000
@@ -242,6 +247,16 @@ def test_small_device_never_holds_anything_table_sized():
         runner.local_train(small, model, torch.Generator().manual_seed(0))
     assert largest, "the watch saw no op"
     assert max(largest) < 40_000 * 16 // 64, max(largest)
+    if kernel == "fused":
+        # Its allocations are numpy's and Numba's, which tracemalloc traces (torch's it does
+        # not): the Adam state, 16 bytes per array entry (2 x 624 here), and per-batch buffers
+        # (~0.4 MB for 282 rows of d = 16), against 2.56 MB for one float32 table.
+        model = runner.download(small, view)
+        tracemalloc.start()
+        runner.local_train(small, model, torch.Generator().manual_seed(0))
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert peak < 40_000 * 16 * 4 // 4, peak
 
 
 def test_small_tables_never_get_a_dense_gradient():
@@ -250,7 +265,7 @@ def test_small_tables_never_get_a_dense_gradient():
     gradient per step, no temporaries of the optimizer)."""
     data = synthetic(num_users=20, num_items=3000, dim=8, seed=2)
     runner = FederatedRunner(data, _cfg(method="fair", tiers="2:0-4", dim=8, local_epochs=2,
-                                        batch_size=16))
+                                        batch_size=16, local_kernel="autograd"))
     small = int(torch.nonzero(runner.tier_of == 1)[0])
     view = runner.view(small)
     size = view.specs["gmf"].memory_size
@@ -339,8 +354,11 @@ def test_training_learns_on_the_synthetic_default(data):
     (dict(lr=0), "lr must be a positive number"),
     (dict(refit_lr=float("nan")), "refit_lr must be a positive number, got nan"),
     (dict(head_init="xavier"), "head_init must be one of"),
-    (dict(user_step=0), "user_step must be in \\(0, 1\\], got 0"),
-    (dict(user_step=1.5), "user_step must be in"),
+    (dict(user_step=0), "user_step must be a float in \\(0, 1\\] or 'data', got 0"),
+    (dict(user_step=1.5), "user_step must be a float in \\(0, 1\\] or 'data', got 1.5"),
+    (dict(user_step="foo"), "user_step must be a float in \\(0, 1\\] or 'data', got 'foo'"),
+    (dict(user_step=True), "user_step must be a float in .* got True"),
+    (dict(negative_sampling="popular"), "negative_sampling must be one of .*got 'popular'"),
     (dict(refit_epochs=-1), "refit_epochs must be a non-negative int, got -1"),
     (dict(refit_sample=True), "refit_sample must be a non-negative int, got True"),
     (dict(rounds=0), "rounds must be a positive int"),
@@ -445,7 +463,10 @@ def test_dropout_counts_and_renormalises(data):
     ("fair", {}), ("fedhm", {}), ("heterofl", {}), ("fair-inconsistent", {}),
     # compressed uploads: k-means seeds, adaptive K and device classes must resume too
     ("fair", dict(compressor="actions", ratio=1 / 8, spherical=True, profile="mobile",
-                  aggregation="delta"))])
+                  aggregation="delta")),
+    # redrawn negatives and the step applied after the round
+    ("fair", dict(negative_sampling="unseen", user_step="data")),
+    ("fedhm", dict(negative_sampling="unseen", user_step="data", weighting="capacity"))])
 def test_resume_continues_bit_identically(data, method, extra, tmp_path):
     cfg = _cfg(method=method, tiers="2:0-1-2", dropout=0.3, optimizer_state="persistent",
                clients_per_round=10, **extra)
@@ -488,10 +509,16 @@ def test_checkpoint_without_a_later_setting_loads_with_its_default(data, tmp_pat
     runner.run_round()
     state = runner.state_dict()
     del state["config"]["weighting"]  # as written before that setting existed
+    del state["config"]["negative_sampling"]
     torch.save(state, tmp_path / "old.pt")
     resumed = FederatedRunner.load(tmp_path / "old.pt", data)
     assert resumed.cfg.weighting == "data" and state_equal(resumed.state_dict(),
                                                            runner.state_dict())
+    assert resumed.cfg.negative_sampling == "uniform"
+    # ... and goes on as the run it was taken from
+    resumed.run_round()
+    runner.run_round()
+    assert state_equal(resumed.state_dict(), runner.state_dict())
 
 
 @pytest.mark.parametrize("method", ["fair", "exclusion"])
@@ -656,3 +683,218 @@ def test_head_init_ncf_is_neumfs_usual_start():
     assert default.mlp.weight.abs().max() <= 0.25
     with pytest.raises(ValueError, match="head init must be one of .*got 'he'"):
         Head(8, init="he")
+
+
+# --------------------------------------------------------------------------- negative sampling
+
+def _dense_data(seed):
+    """Users holding 70-90% of a 50-item catalogue: uniform negatives mostly hit positives."""
+    return synthetic(num_users=12, num_items=50, dim=4, min_interactions=36,
+                     median_interactions=42, max_interactions=45, num_negatives=4, seed=seed)
+
+
+def _spy_negatives(monkeypatch, model, seen):
+    real = model.forward
+
+    def spy(items, with_sqnorm=False):
+        seen.append(items.clone())
+        return real(items, with_sqnorm)
+
+    monkeypatch.setattr(model, "forward", spy)
+
+
+@pytest.mark.parametrize("seed", [5, 6])
+def test_unseen_negatives_never_hit_the_clients_positives(monkeypatch, seed):
+    data = _dense_data(seed)
+    share = {}
+    for sampling in ("uniform", "unseen"):
+        # the autograd loop: the spy reads the model's inputs (both loops draw alike)
+        runner = FederatedRunner(data, _cfg(clients_per_round=4, negatives=4, local_epochs=2,
+                                            batch_size=16, negative_sampling=sampling,
+                                            local_kernel="autograd"))
+        hits = drawn = 0
+        for client in range(data.num_users):
+            model = runner.download(client, runner.view(client))
+            seen = []
+            _spy_negatives(monkeypatch, model, seen)
+            runner.local_train(client, model, torch.Generator().manual_seed(100 * seed + client))
+            pos = data.user_items(client)
+            negs = torch.cat(seen)[:, 1:].flatten()
+            assert negs.numel() == 2 * 4 * pos.numel()
+            assert bool(((negs >= 0) & (negs < data.num_items)).all())
+            hits += int(torch.isin(negs, pos).sum())
+            drawn += negs.numel()
+        share[sampling] = hits / drawn
+    assert share["unseen"] == 0
+    assert share["uniform"] > 0.6  # the users' positives cover 70-90% of the items
+
+
+@pytest.mark.parametrize("seed", [11, 12])
+def test_unseen_negatives_are_uniform_over_the_unseen_items(seed):
+    from fastfair.fl.runner import draw_negatives
+    n = 50
+    gen = torch.Generator().manual_seed(seed)
+    pos = torch.randperm(n, generator=gen)[:40]
+    negs = draw_negatives(gen, pos.numel(), 500, n, torch.unique(pos))
+    assert negs.shape == (40, 500)
+    counts = torch.bincount(negs.flatten(), minlength=n).double()
+    assert counts[pos].sum() == 0
+    unseen = counts[~torch.isin(torch.arange(n), pos)]
+    assert unseen.numel() == 10
+    expected = negs.numel() / unseen.numel()
+    chi2 = float(((unseen - expected) ** 2 / expected).sum())
+    assert chi2 < 33.7, chi2  # the 0.9999 quantile of chi-square with 9 degrees of freedom
+    # Without the positives every item is drawn, the positives included.
+    plain = torch.bincount(draw_negatives(gen, 40, 500, n).flatten(), minlength=n)
+    assert bool((plain[pos] > 0).all())
+
+
+def test_uniform_negatives_are_the_plain_randint_draws(data, monkeypatch):
+    """negative_sampling="uniform" makes exactly the draws train_client made before the
+    setting existed: per epoch a randperm of the positives, then one randint."""
+    from fastfair.fl.runner import draw_negatives
+    g1, g2 = torch.Generator().manual_seed(4), torch.Generator().manual_seed(4)
+    assert torch.equal(draw_negatives(g1, 33, 3, 500), torch.randint(0, 500, (33, 3),
+                                                                      generator=g2))
+    assert torch.equal(g1.get_state(), g2.get_state())
+    runner = FederatedRunner(data, _cfg(local_epochs=2, negatives=3, batch_size=100_000,
+                                        local_kernel="autograd"))
+    client = int(torch.argmax(data.train_counts()))
+    pos = data.user_items(client)
+    model = runner.download(client, runner.view(client))
+    seen = []
+    _spy_negatives(monkeypatch, model, seen)
+    seed = int(torch.randint(0, 2**31, (1,)))
+    gen, ref = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
+    runner.local_train(client, model, gen)
+    assert len(seen) == 2  # one batch per epoch
+    for items in seen:
+        order = pos[torch.randperm(pos.numel(), generator=ref)]
+        negs = torch.randint(0, data.num_items, (pos.numel(), 3), generator=ref)
+        assert torch.equal(items[:, 0], order) and torch.equal(items[:, 1:], negs)
+    assert torch.equal(gen.get_state(), ref.get_state())
+
+
+@pytest.mark.parametrize("sampling", ["uniform", "unseen"])
+def test_replay_leaves_the_generator_where_training_does(sampling):
+    import dataclasses
+    from fastfair.fl.runner import replay_local_train
+    data = _dense_data(7)
+    cfg = _cfg(clients_per_round=4, local_epochs=3, negatives=2, batch_size=16,
+               negative_sampling=sampling)
+    runner = FederatedRunner(data, cfg)
+    for client in range(6):
+        trained, replayed = (torch.Generator().manual_seed(client) for _ in range(2))
+        runner.local_train(client, runner.download(client, runner.view(client)), trained)
+        replay_local_train(replayed, data.user_items(client), cfg, data.num_items)
+        assert torch.equal(trained.get_state(), replayed.get_state())
+        if sampling == "unseen":
+            # the redraws are part of the replay: the uniform draws alone stop elsewhere
+            plain = torch.Generator().manual_seed(client)
+            replay_local_train(plain, data.user_items(client),
+                               dataclasses.replace(cfg, negative_sampling="uniform"),
+                               data.num_items)
+            assert not torch.equal(plain.get_state(), trained.get_state())
+
+
+def test_unseen_negatives_need_an_item_outside_the_positives():
+    from fastfair.fl.data import InteractionData
+    from fastfair.fl.runner import replay_local_train, train_client
+    n = 10
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, (1,))))
+    rest = torch.randperm(n, generator=gen)
+    covered = int(torch.randint(0, 3, (1,), generator=gen))  # the user who holds every item
+    train_lists = [rest[:3].sort().values, rest[3:5].sort().values, rest[5:8].sort().values]
+    train_lists[covered] = torch.arange(n)
+    test_lists = [rest[8:9], rest[9:10], torch.tensor([], dtype=torch.int64)]
+    test_lists[covered] = torch.tensor([], dtype=torch.int64)
+    lengths = torch.tensor([0] + [t.numel() for t in train_lists])
+    test_lengths = torch.tensor([0] + [t.numel() for t in test_lists])
+    data = InteractionData("covered", 3, n, "full", lengths.cumsum(0), torch.cat(train_lists),
+                           torch.cat(test_lists), test_lengths.cumsum(0))
+    data.validate()
+    cfg = dict(dim=4, clients_per_round=2, tiers="1:1")
+    with pytest.raises(ValueError, match=f"user {covered}'s training items cover all {n} items"):
+        FederatedRunner(data, Config(**cfg, negative_sampling="unseen"))
+    uniform = FederatedRunner(data, Config(**cfg))  # any item may be a uniform negative
+    uniform.run_round()
+    model = uniform.download(covered, uniform.view(covered))
+    unseen = Config(**cfg, negative_sampling="unseen")
+    for call in (lambda: train_client(unseen, data.user_items(covered), n, model, gen),
+                 lambda: replay_local_train(gen, data.user_items(covered), unseen, n)):
+        with pytest.raises(ValueError, match=f"{n} positives cover all {n} items"):
+            call()
+
+
+# --------------------------------------------------------------------------- user_step="data"
+
+def _returned(stats):
+    """The clients of a round that returned their update (a dropped one uploads nothing)."""
+    return [int(c) for c, (_, up) in stats["by_client"].items() if up > 0]
+
+
+@pytest.mark.parametrize("weighting,dropout", [("data", 0.0), ("data", 0.5), ("capacity", 0.5)])
+def test_user_step_data_keeps_each_clients_share_of_the_round(data, weighting, dropout):
+    kw = dict(method="fair", tiers="2:0-1-2", clients_per_round=20, dropout=dropout,
+              weighting=weighting)
+    shared = FederatedRunner(data, _cfg(user_step="data", **kw))
+    full = FederatedRunner(data, _cfg(**kw))  # keeps all of its change: the trained vectors
+    before = {k: v.clone() for k, v in full.user_vectors.items()}
+    stats, full_stats = shared.run_round(), full.run_round()
+    for name in full.tables:  # the round's training and uploads do not depend on the step
+        assert torch.equal(shared.tables[name], full.tables[name])
+    assert stats["by_client"] == full_stats["by_client"]
+    returned = _returned(stats)
+    assert len(returned) == 20 - stats["dropped"]
+    if dropout:
+        assert 0 < stats["dropped"] < 20
+    fractions = [1.0, 0.5, 0.25]  # the capacities of tiers "2:0-1-2"
+    weight = {c: float(data.user_items(c).numel())
+              * (fractions[int(shared.tier_of[c])] if weighting == "capacity" else 1.0)
+              for c in returned}
+    total = sum(weight.values())
+    for name, start in before.items():
+        got, trained = shared.user_vectors[name], full.user_vectors[name]
+        for c in returned:
+            want = start[c] + (weight[c] / total) * (trained[c] - start[c])
+            torch.testing.assert_close(got[c], want, rtol=0, atol=1e-7)
+        assert bool((got[returned] != trained[returned]).any())  # a share, not the full step
+        others = torch.ones(data.num_users, dtype=torch.bool)
+        others[returned] = False  # never sampled, or dropped: unchanged
+        assert torch.equal(got[others], start[others])
+
+
+def test_user_step_data_gives_a_rejected_client_nothing(data):
+    kw = dict(method="fair", tiers="2:0-2", clients_per_round=6)
+    probe = FederatedRunner(data, _cfg(**kw))
+    first = int(probe.eligible[torch.randperm(probe.eligible.numel(), generator=probe.gen)[0]])
+    full = FederatedRunner(data, _cfg(**kw))
+    before = {k: v.clone() for k, v in full.user_vectors.items()}
+    stats = full.run_round()
+    clients = [int(c) for c in stats["by_client"]]
+    assert first in clients and len(clients) == 6
+    shared = _Poisoning(data, _cfg(user_step="data", **kw), _nan, good=[first])
+    assert shared.run_round()["rejected"] == 5
+    # float steps: a rejected device still keeps its own step of its private vectors
+    kept = _Poisoning(data, _cfg(user_step=0.5, **kw), _nan, good=[first])
+    kept.run_round()
+    for name, start in before.items():
+        # the one accepted client carries all the weight: it keeps its whole change
+        torch.testing.assert_close(shared.user_vectors[name][first],
+                                   full.user_vectors[name][first], rtol=0, atol=1e-7)
+        assert torch.equal(shared.user_vectors[name][[c for c in range(data.num_users)
+                                                      if c != first]],
+                           start[[c for c in range(data.num_users) if c != first]])
+        rejected = [c for c in clients if c != first]
+        want = start[rejected] + 0.5 * (full.user_vectors[name][rejected] - start[rejected])
+        torch.testing.assert_close(kept.user_vectors[name][rejected], want, rtol=0, atol=1e-7)
+
+
+def test_user_step_data_is_not_a_device_side_step(data):
+    runner = FederatedRunner(data, _cfg(user_step="data"))
+    model = runner.download(0, runner.view(0))
+    vectors = {k: v[0] for k, v in runner.user_vectors.items()}
+    with pytest.raises(ValueError, match="user_step 'data' depends on the weights"):
+        runner.kept_user_vectors(vectors, model)
+    kept = runner.kept_user_vectors(vectors, model, step=0.5)
+    assert all(torch.equal(kept[k], vectors[k]) for k in vectors)  # untrained: nothing moved

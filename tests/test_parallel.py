@@ -34,7 +34,8 @@ def _cfg(**kw):
     dict(optimizer_state="persistent", dropout=0.3, aggregation="delta"),
     dict(method="fedavg-full", compressor="actions", ratio=0.25, negatives=3),
     dict(method="fedhm", tiers="2:0-1", arch="mf", loss="bce"),
-], ids=["fair-persistent-dropout", "fedavg-actions", "fedhm-mf-bce"])
+    dict(negative_sampling="unseen", negatives=4, user_step="data", dropout=0.3),
+], ids=["fair-persistent-dropout", "fedavg-actions", "fedhm-mf-bce", "fair-unseen-data-step"])
 def test_workers_give_the_sequential_round_bit_for_bit(data, one_thread, kw):
     cfg = _cfg(**kw)
     sequential = FederatedRunner(data, cfg)
@@ -49,8 +50,8 @@ def test_workers_give_the_sequential_round_bit_for_bit(data, one_thread, kw):
 
 def test_a_replay_that_differs_from_the_training_is_caught(data, one_thread, monkeypatch):
     def replay_one_epoch_short(gen, positives, cfg, num_items):
-        torch.randperm(positives, generator=gen)
-        torch.randint(0, num_items, (positives, cfg.negatives), generator=gen)
+        torch.randperm(positives.numel(), generator=gen)
+        torch.randint(0, num_items, (positives.numel(), cfg.negatives), generator=gen)
 
     monkeypatch.setattr(runner_module, "replay_local_train", replay_one_epoch_short)
     with FederatedRunner(data, _cfg(), workers=2) as runner:

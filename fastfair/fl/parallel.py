@@ -2,8 +2,9 @@
 
 ``RoundRunner.run_round`` trains its clients one after another from the runner's one generator.
 The draws a client's local round makes are known in advance (one ``randperm`` and one
-``randint`` per local epoch: ``runner.replay_local_train``), so the generator state every client
-starts from, and the one it leaves, can be computed before any client trains.
+``randint`` per local epoch, and with ``negative_sampling="unseen"`` the redraws of the negatives
+that hit one of the client's positives: ``runner.replay_local_train``), so the generator state
+every client starts from, and the one it leaves, can be computed before any client trains.
 ``FederatedRunner`` with ``workers > 1`` does that, hands each client's download and start
 state to this pool, and then runs the round as usual, taking each client's trained parameters,
 loss and optimizer state from the pool, after checking that the round reached the same state.

@@ -20,6 +20,9 @@ totals. A task supplies the steps of one client as methods:
 down, reason)``                             ``sent["bits"]`` at least
 ``weight(client)``                          its aggregation weight before normalisation
 ``aggregate_uploads(uploads)``              ``[(update, view, weight)]`` into the global model
+``end_round(accepted)``                     after the loop: ``[(client, weight)]`` of the
+                                            clients whose update was aggregated (private
+                                            state that depends on all of them)
 ``account(tier, sent)`` / ``finish(stats)`` task-specific counters, per client and per round
 ==========================================  ==================================================
 
@@ -72,6 +75,9 @@ class RoundRunner:
     def finish(self, stats: dict) -> None:
         pass
 
+    def end_round(self, accepted: list) -> None:
+        pass
+
     def begin_round(self) -> None:
         pass
 
@@ -88,7 +94,7 @@ class RoundRunner:
         t0 = time.perf_counter()
         self.begin_round()
         clients, drops = self.draw_clients()
-        uploads, losses, reasons = [], [], []
+        uploads, accepted, losses, reasons = [], [], [], []
         per_tier: dict = {}
         by_client: dict = {}
         for client, dropped in zip(clients, drops):
@@ -118,9 +124,12 @@ class RoundRunner:
                 tier["rejected"] += 1
                 reasons.append(f"client {client}: {reason}")
                 continue
-            uploads.append((update, view, self.weight(client)))
+            weight = self.weight(client)
+            uploads.append((update, view, weight))
+            accepted.append((client, weight))
         if uploads:
             self.aggregate_uploads(uploads)
+        self.end_round(accepted)
         self.round_index += 1
         stats = {"round": self.round_index, "clients": len(clients),
                  "returned": len(clients) - sum(drops),

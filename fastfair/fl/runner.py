@@ -54,7 +54,7 @@ from .. import aggregate, expand_dense, project_dense, slot_counts
 from ..kernels.functional import HashSpec
 from ..nn import HashedEmbedding
 from ..optim import DeferredAdam, ScatterAdam
-from . import metrics, parallel, serve
+from . import fused, metrics, parallel, serve
 from .data import InteractionData
 from .compress import (COMPRESSORS, Compressor, Received, action_bits, doubling_grid,
                        reference_bits)
@@ -73,6 +73,10 @@ LOSSES = ("bpr", "bce")
 ASSIGNMENTS = ("random", "activity")
 AGGREGATIONS = ("model", "delta", "item-mean")
 WEIGHTINGS = ("data", "capacity")
+NEGATIVE_SAMPLINGS = ("uniform", "unseen")
+LOCAL_KERNELS = ("fused", "autograd")
+# The value of ``Config.user_step`` that makes each client's step its share of the round's data.
+DATA_STEP = "data"
 # item-mean averages each item's row over the devices that changed it: rows must be the same
 # rows on every device, i.e. every view dense.
 ITEM_MEAN_METHODS = ("fedavg-full", "exclusion")
@@ -138,7 +142,21 @@ class Config:
     ``user_step``: a device keeps this fraction of its private vectors' change in a round,
     ``u <- u + user_step (u_local - u)``. The reference code averages every user row over the
     round's K clients, so a user keeps about 1/K of its change (``user_step = 1/K`` with the
-    vectors still private).
+    vectors still private). ``"data"`` is that average's own step: client ``u`` keeps
+    ``p_u = weight(u) / sum_c weight(c)`` of its change, the sum over the clients whose update
+    the round aggregates (dropped and rejected clients are out of the sum, and a rejected client
+    keeps nothing: its row is not in the average); it is applied once the round's clients have
+    all returned.
+
+    ``local_kernel``: ``"fused"`` runs a client's local round in compiled kernels
+    (``fastfair.fl.fused``) where it can (Adam with a fresh state, dense or hashed item tables,
+    parameters on the CPU), the autograd loop elsewhere; ``"autograd"`` always runs the autograd
+    loop. Both compute the same round, to float rounding.
+
+    ``negative_sampling``: ``"uniform"`` draws each negative uniformly over the whole catalogue
+    (a negative may be one of the client's positives); ``"unseen"`` uniformly over the items
+    that are not among the client's training positives (the reference code), by redrawing, from
+    the same generator, the draws that hit a positive until none does.
 
     Serving (``fastfair.fl.serve``): with ``refit_epochs`` > 0 every user is evaluated with
     vectors refit to the current global model (``refit_epochs`` full-batch Adam steps at
@@ -162,6 +180,8 @@ class Config:
     optimizer_state: str = "fresh"
     loss: str = "bpr"
     negatives: int = 1
+    negative_sampling: str = "uniform"
+    local_kernel: str = "fused"
     reg: float = 0.0
     chunk_size: int = 1
     dropout: float = 0.0
@@ -180,7 +200,7 @@ class Config:
     profile: str = ""
     deadline: float = 0.0
     server_lr: float = 1.0
-    user_step: float = 1.0
+    user_step: Union[float, str] = 1.0
     refit_epochs: int = 0
     refit_lr: float = 0.01
     refit_sample: int = 256
@@ -192,7 +212,9 @@ class Config:
                               ("optimizer", OPTIMIZERS),
                               ("optimizer_state", OPTIMIZER_STATES), ("loss", LOSSES),
                               ("assignment", ASSIGNMENTS), ("aggregation", AGGREGATIONS),
-                              ("weighting", WEIGHTINGS)):
+                              ("weighting", WEIGHTINGS),
+                              ("negative_sampling", NEGATIVE_SAMPLINGS),
+                              ("local_kernel", LOCAL_KERNELS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         for name in ("dim", "clients_per_round", "rounds", "local_epochs", "batch_size",
@@ -209,9 +231,11 @@ class Config:
             if isinstance(value, bool) or not (isinstance(value, (int, float)) and value > 0
                                                and math.isfinite(value)):
                 raise ValueError(f"{name} must be a positive number, got {value!r}")
-        if isinstance(self.user_step, bool) or not (isinstance(self.user_step, (int, float))
-                                                    and 0 < self.user_step <= 1):
-            raise ValueError(f"user_step must be in (0, 1], got {self.user_step!r}")
+        if self.user_step != DATA_STEP and (
+                isinstance(self.user_step, bool)
+                or not (isinstance(self.user_step, (int, float)) and 0 < self.user_step <= 1)):
+            raise ValueError(f"user_step must be a float in (0, 1] or {DATA_STEP!r}, "
+                             f"got {self.user_step!r}")
         if isinstance(self.reg, bool) or not (isinstance(self.reg, (int, float))
                                               and math.isfinite(self.reg) and self.reg >= 0):
             raise ValueError(f"reg must be a number >= 0, got {self.reg!r}")
@@ -232,6 +256,13 @@ class Config:
         if self.clients_per_round > data.num_users:
             raise ValueError(f"clients_per_round={self.clients_per_round} is larger than the "
                              f"number of clients ({data.num_users} users)")
+        if self.negative_sampling == "unseen":
+            # A user's training items are sorted and unique: covering the catalogue is a count.
+            full = torch.nonzero(data.train_counts() >= data.num_items).flatten()
+            if full.numel():
+                raise ValueError(f"negative_sampling 'unseen': user {int(full[0])}'s training "
+                                 f"items cover all {data.num_items} items, so it has no unseen "
+                                 f"item to draw negatives from ({full.numel()} such user(s))")
 
 
     def _check_compression(self) -> None:
@@ -359,6 +390,7 @@ class FederatedRunner(RoundRunner):
                 torch.manual_seed(config.seed)
                 self.head = Head(d, init=config.head_init)
         self._counts: dict = {}
+        self._trained_vectors: dict = {}
         self._svd: dict = {}
         self._projections: dict = {}
         self.compressor = None
@@ -554,7 +586,7 @@ class FederatedRunner(RoundRunner):
             view = self.view(client)
             model = FederatedRunner.download(self, client, view)
             start = self.gen.get_state()
-            replay_local_train(self.gen, int(self.data.user_items(client).numel()), self.cfg,
+            replay_local_train(self.gen, self.data.user_items(client), self.cfg,
                                self.data.num_items)
             plan.append((client, view, model, start, self.gen.get_state()))
         self.gen.set_state(saved)
@@ -796,6 +828,7 @@ class FederatedRunner(RoundRunner):
         self._svd.clear()
         self._projections.clear()
         self._per_class: dict = {}
+        self._trained_vectors: dict = {}
 
     def tier_label(self, view: ClientView) -> str:
         return self.tiers[view.tier].label
@@ -810,20 +843,49 @@ class FederatedRunner(RoundRunner):
         return {k: v.detach().clone() for k, v in model.named_parameters()
                 if k.startswith("item_")}
 
-    def kept_user_vectors(self, before: dict, model: ClientModel) -> dict:
+    def kept_user_vectors(self, before: dict, model: ClientModel,
+                          step: Optional[float] = None) -> dict:
         """The private vectors a device keeps after local training from ``before``:
-        ``before + user_step (trained - before)``."""
-        step, kept = self.cfg.user_step, {}
+        ``before + step (trained - before)``, ``step`` by default ``user_step``. Under
+        ``user_step="data"`` the step is known only once the round's clients have returned
+        (``end_round``), so it must be given."""
+        step = self.cfg.user_step if step is None else step
+        if step == DATA_STEP:
+            raise ValueError("user_step 'data' depends on the weights of every client the "
+                             "round aggregates: it is applied after the round (end_round), "
+                             "not by a device on its own")
+        kept = {}
         for name, start in before.items():
             trained = getattr(model, f"user_{name}").detach()
             kept[name] = trained.clone() if step == 1 else start + step * (trained - start)
         return kept
 
     def keep_private(self, client: int, model: ClientModel) -> None:
+        if self.cfg.user_step == DATA_STEP:
+            # Kept aside until end_round knows the weights of the round's accepted clients.
+            self._trained_vectors[client] = {
+                name: getattr(model, f"user_{name}").detach().clone()
+                for name in self.user_vectors}
+            return
         kept = self.kept_user_vectors({k: v[client] for k, v in self.user_vectors.items()},
                                       model)
         for name, vector in kept.items():
             self.user_vectors[name][client] = vector
+
+    def end_round(self, accepted: list) -> None:
+        """``user_step="data"``: each accepted client ``u`` of ``accepted`` (``[(client,
+        weight)]``) keeps ``p_u = weight_u / sum weight`` of its change; a client whose update
+        was rejected keeps nothing (its row is not in the average)."""
+        trained, self._trained_vectors = self._trained_vectors, {}
+        if self.cfg.user_step != DATA_STEP or not accepted:
+            return
+        total = sum(w for _, w in accepted)
+        for client, w in accepted:
+            before = {k: v[client] for k, v in self.user_vectors.items()}
+            kept = {name: start + (w / total) * (trained[client][name] - start)
+                    for name, start in before.items()}
+            for name, vector in kept.items():
+                self.user_vectors[name][client] = vector
 
     def transmit(self, client: int, update, start, view: ClientView, down: int,
                  reason: Optional[str]) -> tuple:
@@ -992,51 +1054,122 @@ def _deferred(entries: int) -> bool:
     return entries >= DEFERRED_MIN_ENTRIES
 
 
+def _unseen_items(pos: Tensor, num_items: int) -> Tensor:
+    """The client's positives sorted and unique, for ``draw_negatives``; a ValueError when they
+    cover the catalogue (no item is left to draw: redrawing would never end)."""
+    seen = torch.unique(pos)
+    if seen.numel() >= num_items:
+        raise ValueError(f"negative_sampling 'unseen': the client's {seen.numel()} positives "
+                         f"cover all {num_items} items, so no negative can be drawn")
+    return seen
+
+
+def _hits(items: Tensor, seen: Tensor) -> Tensor:
+    """Whether each of ``items`` is in ``seen`` (sorted, non-empty)."""
+    at = torch.searchsorted(seen, items).clamp_max_(seen.numel() - 1)
+    return seen[at] == items
+
+
+def draw_negatives(gen: torch.Generator, rows: int, negatives: int, num_items: int,
+                   seen: Optional[Tensor] = None) -> Tensor:
+    """``[rows, negatives]`` items drawn from ``gen``: ``torch.randint`` over the catalogue,
+    then, when ``seen`` (the client's positives, sorted and unique: ``_unseen_items``) is
+    given, every entry that hit one of them redrawn, all at once and in row-major order, until
+    none does: each entry is then uniform over the unseen items."""
+    negs = torch.randint(0, num_items, (rows, negatives), generator=gen)
+    if seen is None or not seen.numel():
+        return negs
+    flat = negs.view(-1)
+    todo = torch.nonzero(_hits(flat, seen)).flatten()
+    while todo.numel():
+        redrawn = torch.randint(0, num_items, (todo.numel(),), generator=gen)
+        flat[todo] = redrawn
+        todo = todo[_hits(redrawn, seen)]
+    return negs
+
+
+def _epoch_draws(cfg: Config, pos: Tensor, num_items: int, gen: torch.Generator):
+    """Each epoch's ``(order, negatives)``: the positives in a fresh random order, and
+    ``cfg.negatives`` items per positive (``draw_negatives``). Drawn lazily, epoch by epoch."""
+    seen = _unseen_items(pos, num_items) if cfg.negative_sampling == "unseen" else None
+    for _ in range(cfg.local_epochs):
+        order = pos[torch.randperm(pos.numel(), generator=gen)]
+        yield order, draw_negatives(gen, pos.numel(), cfg.negatives, num_items, seen)
+
+
+def _fused_reason(cfg: Config, model: ClientModel, kernel: str, optimizer_state,
+                  optimizers) -> Optional[str]:
+    """Why this local round runs the autograd loop rather than ``fused.train`` (None: fused)."""
+    if kernel != "fused":
+        return "the autograd loop was asked for"
+    if cfg.optimizer != "adam" or cfg.optimizer_state != "fresh":
+        return "the fused kernel trains with a fresh Adam only"
+    if optimizer_state is not None or optimizers is not None:
+        return "optimizers or their state were given"
+    return fused.unsupported(model)
+
+
 def train_client(cfg: Config, pos: Tensor, num_items: int, model: ClientModel,
                  gen: torch.Generator, optimizer_state: Optional[list] = None,
-                 optimizers: Optional[list] = None) -> tuple:
+                 optimizers: Optional[list] = None, kernel: Optional[str] = None) -> tuple:
     """A client's local round: ``cfg.local_epochs`` passes over its positives ``pos`` in
-    shuffled batches, each positive paired with ``cfg.negatives`` items drawn uniformly every
-    epoch, minimising the BPR (``-log sigma(s_pos - s_neg)``) or BCE loss (plus ``cfg.reg``
-    times the batch's squared embedding norms over the batch size) with ``client_optimizers``
-    (or the given ``optimizers``), resumed from ``optimizer_state`` when given. Returns the
-    mean loss of the last epoch and, with ``cfg.optimizer_state == "persistent"``, the
-    optimizers' states (else None). Its only use of ``gen`` is what ``replay_local_train``
+    shuffled batches, each positive paired with ``cfg.negatives`` items drawn every epoch
+    (``draw_negatives``: uniformly over the catalogue, or with ``negative_sampling="unseen"``
+    over the items not in ``pos``), minimising the BPR (``-log sigma(s_pos - s_neg)``) or BCE
+    loss (plus ``cfg.reg`` times the batch's squared embedding norms over the batch size) with
+    ``client_optimizers`` (or the given ``optimizers``), resumed from ``optimizer_state`` when
+    given. ``kernel`` (default ``cfg.local_kernel``): ``"fused"`` runs the round in
+    ``fastfair.fl.fused`` where it can, ``"autograd"`` with autograd and torch optimizers.
+    Returns the mean loss of the last epoch and, with ``cfg.optimizer_state == "persistent"``,
+    the optimizers' states (else None). Its only use of ``gen`` is what ``replay_local_train``
     replays."""
+    kernel = cfg.local_kernel if kernel is None else kernel
+    if kernel not in LOCAL_KERNELS:
+        raise ValueError(f"kernel must be one of {LOCAL_KERNELS}, got {kernel!r}")
+    epochs = _epoch_draws(cfg, pos, num_items, gen)
+    if _fused_reason(cfg, model, kernel, optimizer_state, optimizers) is None:
+        return fused.train(model, epochs, cfg.batch_size, cfg.loss, cfg.reg, cfg.lr), None
     opts = optimizers if optimizers is not None else client_optimizers(model, cfg.optimizer,
                                                                        cfg.lr)
     if optimizer_state is not None:
         for opt, state in zip(opts, optimizer_state):
             opt.load_state_dict(state)
+    # Forwards read rows with their deferred Adam steps taken: the trajectory is Adam's.
+    hooks = [opt.track(m) for opt in opts if isinstance(opt, DeferredAdam)
+             for m in model.modules() if isinstance(m, (nn.Embedding, HashedEmbedding))
+             and any(m.weight is p for g in opt.param_groups for p in g["params"])]
     last = 0.0
-    for _ in range(cfg.local_epochs):
-        order = pos[torch.randperm(pos.numel(), generator=gen)]
-        negs = torch.randint(0, num_items, (pos.numel(), cfg.negatives), generator=gen)
-        total = 0.0
-        for start in range(0, pos.numel(), cfg.batch_size):
-            p = order[start:start + cfg.batch_size]
-            q = negs[start:start + cfg.batch_size]
-            # One lookup per table for positives and negatives together: each table's
-            # backward (a zero-filled gradient of the whole array) then runs once per step.
-            scores = model(torch.cat([p[:, None], q], 1), with_sqnorm=bool(cfg.reg))
-            if cfg.reg:
-                scores, sqnorm = scores
-            s_pos, s_neg = scores[:, 0], scores[:, 1:]
-            if cfg.loss == "bpr":
-                loss = -F.logsigmoid(s_pos[:, None] - s_neg).mean()
-            else:
-                loss = (F.binary_cross_entropy_with_logits(s_pos, torch.ones_like(s_pos))
-                        * p.numel() + F.binary_cross_entropy_with_logits(
-                            s_neg, torch.zeros_like(s_neg)) * q.numel()) / (p.numel() + q.numel())
-            if cfg.reg:
-                loss = loss + cfg.reg * sqnorm / p.numel()
-            for opt in opts:
-                opt.zero_grad(set_to_none=True)
-            loss.backward()
-            for opt in opts:
-                opt.step()
-            total += float(loss.detach()) * p.numel()
-        last = total / max(pos.numel(), 1)
+    try:
+        for order, negs in epochs:
+            total = 0.0
+            for start in range(0, pos.numel(), cfg.batch_size):
+                p = order[start:start + cfg.batch_size]
+                q = negs[start:start + cfg.batch_size]
+                # One lookup per table for positives and negatives together: each table's
+                # backward (a zero-filled gradient of the whole array) then runs once per step.
+                scores = model(torch.cat([p[:, None], q], 1), with_sqnorm=bool(cfg.reg))
+                if cfg.reg:
+                    scores, sqnorm = scores
+                s_pos, s_neg = scores[:, 0], scores[:, 1:]
+                if cfg.loss == "bpr":
+                    loss = -F.logsigmoid(s_pos[:, None] - s_neg).mean()
+                else:
+                    loss = (F.binary_cross_entropy_with_logits(s_pos, torch.ones_like(s_pos))
+                            * p.numel() + F.binary_cross_entropy_with_logits(
+                                s_neg, torch.zeros_like(s_neg)) * q.numel()) / (p.numel()
+                                                                                 + q.numel())
+                if cfg.reg:
+                    loss = loss + cfg.reg * sqnorm / p.numel()
+                for opt in opts:
+                    opt.zero_grad(set_to_none=True)
+                loss.backward()
+                for opt in opts:
+                    opt.step()
+                total += float(loss.detach()) * p.numel()
+            last = total / max(pos.numel(), 1)
+    finally:
+        for hook in hooks:
+            hook.remove()
     for opt in opts:
         if isinstance(opt, DeferredAdam):
             opt.flush()
@@ -1044,13 +1177,15 @@ def train_client(cfg: Config, pos: Tensor, num_items: int, model: ClientModel,
     return last, ([opt.state_dict() for opt in opts] if persistent else None)
 
 
-def replay_local_train(gen: torch.Generator, positives: int, cfg: Config,
+def replay_local_train(gen: torch.Generator, positives: Tensor, cfg: Config,
                        num_items: int) -> None:
-    """Advance ``gen`` by the draws ``train_client`` makes for a client with ``positives``
-    training items."""
+    """Advance ``gen`` by the draws ``train_client`` makes for a client whose training items
+    are ``positives`` (under ``negative_sampling="unseen"`` the redraws depend on which items
+    they are, not only on how many)."""
+    seen = _unseen_items(positives, num_items) if cfg.negative_sampling == "unseen" else None
     for _ in range(cfg.local_epochs):
-        torch.randperm(positives, generator=gen)
-        torch.randint(0, num_items, (positives, cfg.negatives), generator=gen)
+        torch.randperm(positives.numel(), generator=gen)
+        draw_negatives(gen, positives.numel(), cfg.negatives, num_items, seen)
 
 
 def client_optimizers(model: nn.Module, kind: str, lr: float) -> list:
