@@ -119,7 +119,7 @@ def train(model: nn.Module, epochs: Iterable, batch_size: int, loss: str, reg: f
         w1, h1 = _table(model.item_mlp) if neumf else (w0[:0], h0)
         # np.zeros maps zeroed pages lazily: only the pages a round touches are ever written.
         st0, st1 = (np.zeros((w.shape[0], 4), dtype=w.dtype) for w in (w0, w1))
-        ratio = nb.REPLAY_RATIO[np.dtype(w0.dtype)]
+        tol = nb.REPLAY_TOL[np.dtype(w0.dtype)]
         step, last = 0, 0.0
         for order, negs in epochs:
             items = torch.cat([order[:, None], negs], 1).to(torch.int64).numpy()
@@ -127,12 +127,12 @@ def train(model: nn.Module, epochs: Iterable, batch_size: int, loss: str, reg: f
             total, step = nb._ncf_epoch(
                 items, batch_size, neumf, loss == "bpr", float(reg), model.item_gmf.embedding_dim,
                 w0, st0, h0, w1, st1, h1, x, xm, xv, step, step_size, inv_bc2, BETAS[0],
-                BETAS[1], EPS, ratio)
+                BETAS[1], EPS, tol)
             last = total / max(items.shape[0], 1)
         step_size, inv_bc2 = _adam_constants(lr, step)
         for w, st in ((w0, st0), (w1, st1)):
             if w.shape[0]:
-                nb._ncf_flush(w, st, step, step_size, inv_bc2, BETAS[0], BETAS[1], EPS, ratio)
+                nb._ncf_flush(w, st, step, step_size, inv_bc2, BETAS[0], BETAS[1], EPS, tol)
         offset = 0
         for p in small:
             p.copy_(torch.from_numpy(x[offset:offset + p.numel()]).view_as(p).to(dtype))

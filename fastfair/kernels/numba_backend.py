@@ -1066,11 +1066,14 @@ def kmeans_rebuild_add_(out, rows, centroids, labels, scales, weight):
 # a series in r_j = eps / (x b2^(j/2) inv[s+j]) < 1. Summed over j = 1..J = upto - s the
 # coefficients are T_n(s) = sum_j step_size[s+j] b1^j / (b2^(j/2) inv[s+j])^(n+1), one table per
 # call (they depend on s and upto only, not on the element), so a replay costs O(1) instead of
-# O(J). REPLAY_TERMS terms leave a relative error of at most r^REPLAY_TERMS, r = max_j r_j (at
-# j = J): below the dtype's rounding when r <= REPLAY_RATIO[dtype]. An element with a larger r
-# (a very small v) replays step by step as before.
-REPLAY_TERMS = 4
-REPLAY_RATIO = {np.dtype(np.float32): 1e-2, np.dtype(np.float64): 1e-4}
+# O(J). N terms leave a relative error of at most 2 r^N / (1 - r), r = max_j r_j (at j = J; the
+# sum is at least 1 / (1 + r) of its first term): each element takes the fewest terms, up to
+# REPLAY_TERMS, that bring it below REPLAY_TOL[dtype], the dtype's rounding. That covers r up to
+# ~0.6 in float32 (~0.3 in float64), i.e. sqrt(v) down to ~2 eps: the small moments of a table's
+# rarely used rows, which four terms (r <= 1e-2) left to the loop. An element with a larger r
+# (a yet smaller v) replays step by step.
+REPLAY_TERMS = 32
+REPLAY_TOL = {np.dtype(np.float32): 2.0 ** -24, np.dtype(np.float64): 2.0 ** -53}
 
 
 @njit(cache=True)
@@ -1079,32 +1082,46 @@ def _replay_tables(step_size, inv, b1, b2, upto, terms):
     ``T_n(s) = rho_n (step_size[s+1] / inv[s+1]^(n+1) + T_n(s+1))``, ``rho_n = b1 /
     b2^((n+1)/2)``), and ``b1^J``, ``b2^J``, ``b2^(J/2)`` for ``J <= upto``."""
     tails = np.zeros((terms, upto + 1))
+    rho = np.empty(terms)
     for n in range(terms):
-        rho = b1 / np.sqrt(b2) ** (n + 1)
-        for s in range(upto - 1, -1, -1):
-            tails[n, s] = rho * (step_size[s + 1] / inv[s + 1] ** (n + 1) + tails[n, s + 1])
+        rho[n] = b1 / np.sqrt(b2) ** (n + 1)
+    for s in range(upto - 1, -1, -1):
+        q = 1.0 / inv[s + 1]
+        term = step_size[s + 1] * q
+        for n in range(terms):
+            tails[n, s] = rho[n] * (term + tails[n, s + 1])
+            term *= q
     powers = np.empty((3, upto + 1))
-    powers[0, 0] = powers[1, 0] = powers[2, 0] = 1.0
     half = np.sqrt(b2)
-    for j in range(1, upto + 1):
-        powers[0, j] = powers[0, j - 1] * b1
-        powers[1, j] = powers[1, j - 1] * b2
-        powers[2, j] = powers[2, j - 1] * half
+    for j in range(upto + 1):
+        # pow, not a running product: within an ulp or two for every j
+        powers[0, j] = b1 ** j
+        powers[1, j] = b2 ** j
+        powers[2, j] = half ** j
     return tails, powers
 
 
 @njit(cache=True, inline="always")
 def _adam_entry(pp, mm, vv, start, upto, gg, has_grad, step_size, inv_bc2, b1, b2, eps, tails,
-                powers, ratio):
+                powers, tol):
     """One element's Adam steps ``start + 1 .. upto`` with zero gradient (in closed form where
     exact, see above), then step ``upto + 1`` with gradient ``gg`` if ``has_grad``; returns the
     new ``(p, m, v)``."""
     span = upto - start
     x = np.sqrt(vv)
-    if span > 0 and x > 0 and eps <= ratio * x * powers[2, span] * inv_bc2[upto]:
+    terms = tails.shape[0] + 1
+    if span > 0 and x > 0:
+        r = eps / (x * powers[2, span] * inv_bc2[upto])
+        if r < 1:
+            bound = 2.0 / (1.0 - r)
+            terms = 0
+            while bound > tol and terms <= tails.shape[0]:
+                bound *= r
+                terms += 1
+    if span > 0 and x > 0 and terms <= tails.shape[0]:
         z = -eps / x
         acc = 0.0
-        for n in range(tails.shape[0] - 1, -1, -1):
+        for n in range(terms - 1, -1, -1):
             acc = tails[n, start] + z * acc
         pp -= mm / x * acc
         mm *= powers[0, span]
@@ -1124,7 +1141,7 @@ def _adam_entry(pp, mm, vv, start, upto, gg, has_grad, step_size, inv_bc2, b1, b
 
 @_parallel
 def _deferred_adam(p, m, v, last, rows, g, has_grad, upto, step_size, inv_bc2, b1, b2, eps,
-                   tails, powers, ratio):
+                   tails, powers, tol):
     for r in prange(rows.size):
         i = rows[r]
         # A row never used has zero moments: its missed steps move nothing.
@@ -1133,7 +1150,7 @@ def _deferred_adam(p, m, v, last, rows, g, has_grad, upto, step_size, inv_bc2, b
             gg = g[r, j] if has_grad else 0.0
             p[i, j], m[i, j], v[i, j] = _adam_entry(
                 np.float64(p[i, j]), np.float64(m[i, j]), np.float64(v[i, j]), start, upto, gg,
-                has_grad, step_size, inv_bc2, b1, b2, eps, tails, powers, ratio)
+                has_grad, step_size, inv_bc2, b1, b2, eps, tails, powers, tol)
         last[i] = upto + 1 if has_grad else upto
 
 
@@ -1152,7 +1169,7 @@ def deferred_adam(param, exp_avg, exp_avg_sq, last, rows, grad, upto, step_size,
     p = param.numpy()
     _deferred_adam(_serial(work), p, exp_avg.numpy(), exp_avg_sq.numpy(), last.numpy(),
                    rows.numpy(), g.contiguous().numpy(), grad is not None, upto, sizes, inv,
-                   float(beta1), float(beta2), float(eps), tails, powers, REPLAY_RATIO[p.dtype])
+                   float(beta1), float(beta2), float(eps), tails, powers, REPLAY_TOL[p.dtype])
 
 
 @njit(cache=True)
@@ -1961,7 +1978,7 @@ def lsh_softmax_loss(logits, tgt_offsets, tgt_pos):
 
 @njit(cache=True, inline="always")
 def _ncf_rows(items, lo, nb, cols, t, hashed, dim, z, nslots, magic, ka, ks, signed, w, st, idx,
-              sgn, q, upto, step_size, inv_bc2, b1, b2, eps, tails, powers, ratio):
+              sgn, q, upto, step_size, inv_bc2, b1, b2, eps, tails, powers, tol):
     """Addresses, signs and values of table ``t``'s rows for the ``nb x cols`` items from row
     ``lo`` of ``items``. An address read with deferred steps pending takes them first (so the
     values read are plain Adam's after ``upto`` steps)."""
@@ -1978,13 +1995,13 @@ def _ncf_rows(items, lo, nb, cols, t, hashed, dim, z, nslots, magic, ka, ks, sig
             if 0 < last < upto:
                 w[a], st[a, 0], st[a, 1] = _adam_entry(
                     np.float64(w[a]), np.float64(st[a, 0]), np.float64(st[a, 1]), last, upto,
-                    0.0, False, step_size, inv_bc2, b1, b2, eps, tails, powers, ratio)
+                    0.0, False, step_size, inv_bc2, b1, b2, eps, tails, powers, tol)
                 st[a, 2] = upto
             q[t, r, k] = sgn[t, r, k] * np.float64(w[a])
 
 
 @njit(cache=True, inline="always")
-def _ncf_table_step(w, st, idx, sgn, gq, rows, dim, upto, step_size, inv_bc2, b1, b2, eps, ratio,
+def _ncf_table_step(w, st, idx, sgn, gq, rows, dim, upto, step_size, inv_bc2, b1, b2, eps, tol,
                     tails, powers, addr, val, saved):
     """Adam step ``upto + 1`` of one table: the rows' gradients ``sgn * gq`` summed per address
     (entry order; ``last`` marks addresses already met, as ``_coalesce_rows`` does), then each
@@ -2008,13 +2025,13 @@ def _ncf_table_step(w, st, idx, sgn, gq, rows, dim, upto, step_size, inv_bc2, b1
         start = saved[e] if saved[e] > 0 else upto
         w[a], st[a, 0], st[a, 1] = _adam_entry(
             np.float64(w[a]), np.float64(st[a, 0]), np.float64(st[a, 1]), start, upto, val[e],
-            True, step_size, inv_bc2, b1, b2, eps, tails, powers, ratio)
+            True, step_size, inv_bc2, b1, b2, eps, tails, powers, tol)
         st[a, 2] = upto + 1
 
 
 @njit(cache=True)
 def _ncf_epoch(items, batch, neumf, bpr, reg, dim, w0, st0, h0, w1, st1, h1, x, xm, xv, step,
-               step_size, inv_bc2, b1, b2, eps, ratio):
+               step_size, inv_bc2, b1, b2, eps, tol):
     """One epoch of local training over ``items`` ``[P, 1 + negatives]`` (positive first), in
     batches of ``batch`` rows from the top; Adam steps ``step + 1 ..``. ``h0``/``h1``: ``(hashed,
     z, nslots, magic, ka, ks, signed)`` of each table (``w1`` unused for MF). Returns the summed
@@ -2043,11 +2060,11 @@ def _ncf_epoch(items, batch, neumf, bpr, reg, dim, w0, st0, h0, w1, st1, h1, x, 
         tails, powers = _replay_tables(step_size, inv_bc2, b1, b2, step, REPLAY_TERMS)
         _ncf_rows(items, lo, nb, cols, 0, h0[0], dim, h0[1], h0[2], h0[3], h0[4], h0[5], h0[6],
                   w0, st0, idx, sgn, q, step, step_size, inv_bc2, b1, b2, eps, tails, powers,
-                  ratio)
+                  tol)
         if neumf:
             _ncf_rows(items, lo, nb, cols, 1, h1[0], dim, h1[1], h1[2], h1[3], h1[4], h1[5],
                       h1[6], w1, st1, idx, sgn, q, step, step_size, inv_bc2, b1, b2, eps, tails,
-                      powers, ratio)
+                      powers, tol)
             for j in range(dim):
                 acc = np.float64(x[ob + j])
                 for k in range(dim):
@@ -2151,10 +2168,10 @@ def _ncf_epoch(items, batch, neumf, bpr, reg, dim, w0, st0, h0, w1, st1, h1, x, 
         total += loss * nb
         # Adam: the tables' rows, then every small parameter.
         _ncf_table_step(w0, st0, idx[0], sgn[0], gq[0], rows, dim, step, step_size, inv_bc2, b1,
-                        b2, eps, ratio, tails, powers, addr, val, saved)
+                        b2, eps, tol, tails, powers, addr, val, saved)
         if neumf:
             _ncf_table_step(w1, st1, idx[1], sgn[1], gq[1], rows, dim, step, step_size, inv_bc2,
-                            b1, b2, eps, ratio, tails, powers, addr, val, saved)
+                            b1, b2, eps, tol, tails, powers, addr, val, saved)
         step += 1
         for i in range(x.shape[0]):
             g = gx[i]
@@ -2166,7 +2183,7 @@ def _ncf_epoch(items, batch, neumf, bpr, reg, dim, w0, st0, h0, w1, st1, h1, x, 
 
 
 @njit(cache=True)
-def _ncf_flush(w, st, upto, step_size, inv_bc2, b1, b2, eps, ratio):
+def _ncf_flush(w, st, upto, step_size, inv_bc2, b1, b2, eps, tol):
     """Every deferred step of a table up to ``upto`` (``DeferredAdam.flush``)."""
     tails, powers = _replay_tables(step_size, inv_bc2, b1, b2, upto, REPLAY_TERMS)
     for a in range(w.shape[0]):
@@ -2174,5 +2191,5 @@ def _ncf_flush(w, st, upto, step_size, inv_bc2, b1, b2, eps, ratio):
         if 0 < last < upto:
             w[a], st[a, 0], st[a, 1] = _adam_entry(
                 np.float64(w[a]), np.float64(st[a, 0]), np.float64(st[a, 1]), last, upto, 0.0,
-                False, step_size, inv_bc2, b1, b2, eps, tails, powers, ratio)
+                False, step_size, inv_bc2, b1, b2, eps, tails, powers, tol)
             st[a, 2] = upto
