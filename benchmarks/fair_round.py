@@ -13,9 +13,9 @@ in one run on one machine:
    variants (``REFERENCES``): with the reference code's own optimizer,
    ``torch.optim.Adam(model.parameters(), lr=...)`` with torch's defaults (on CPU the
    per-tensor implementation), and with torch's fused Adam for every parameter (the fastest
-   dense Adam torch has; fastfair's runner steps its large item tables with ``DeferredAdam``, the
-   same Adam touching only the rows a batch used, and the rest with ``ScatterAdam``, fused Adam
-   that scatters the small tables' sparse gradients in without a dense gradient).
+   dense Adam torch has; fastfair's runner trains each client in its fused kernel,
+   ``fastfair.fl.fused``: forward, backward and Adam of an epoch in one Numba call, Adam's zero-
+   gradient steps deferred for the table entries a batch did not use).
 3. The peak resident memory of one 1/16-capacity client's local training (the user with the
    most interactions, one epoch) under each, each in a fresh interpreter, and the bytes that
    client holds.
@@ -45,12 +45,11 @@ from torch import Tensor, nn
 
 from fastfair.fl.data import InteractionData, load_dataset
 from fastfair.fl.model import ClientModel, Head
-from fastfair.fl.runner import (INIT_STD, Config, FederatedRunner,
-                                client_optimizers)
+from fastfair.fl.fused import state_bytes as fused_state_bytes
+from fastfair.fl.runner import INIT_STD, Config, FederatedRunner
 from fastfair.fl.runner import train_client as run_client
-from fastfair.kernels import backends, numba_backend
+from fastfair.kernels import backends
 from fastfair.nn import HashedEmbedding
-from fastfair.optim import DeferredAdam, ScatterAdam
 
 HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -121,17 +120,18 @@ class StoredHashEmbedding(nn.Module):
 
 
 def train_client(model: ClientModel, items: Tensor, num_items: int, cfg: Config,
-                 gen: torch.Generator, optimizer: str) -> list:
+                 gen: torch.Generator, optimizer: str) -> int:
     """The runner's local round (``fastfair.fl.runner.train_client``) on ``items`` with
     ``optimizer``: ``"default"``, torch's default Adam, as the reference code uses; ``"fused"``,
-    torch's fused Adam; ``"fastfair"``, the runner's (``client_optimizers``). Returns the
-    optimizers (their state is part of what the client holds)."""
+    torch's fused Adam (both in the autograd loop); ``"fastfair"``, the runner's own (the fused
+    kernel, ``fastfair.fl.fused``). Returns the bytes of optimizer state the client held."""
     if optimizer == "fastfair":
-        opts = client_optimizers(model, "adam", cfg.lr)
-    else:
-        opts = [torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=optimizer == "fused")]
+        run_client(cfg, items, num_items, model, gen)
+        return fused_state_bytes(model)
+    opts = [torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=optimizer == "fused")]
     run_client(cfg, items, num_items, model, gen, optimizers=opts)
-    return opts
+    return sum(t.numel() * t.element_size() for opt in opts for s in opt.state.values()
+               for t in s.values() if isinstance(t, torch.Tensor))
 
 
 def reference_client(num_items: int, dim: int, memory_size, arrays: dict, head_state: dict,
@@ -271,28 +271,6 @@ def _build_client(impl: str, p: dict, num_items: int, memory_size: int) -> Clien
     return reference_client(num_items, p["dim"], memory_size, p["arrays"], p["head"], p["user"])
 
 
-def _warm_parallel_optimizer() -> None:
-    """Load the optimizers' parallel Numba builds (DeferredAdam's, ScatterAdam's), which the tiny
-    warm-up client is too small to launch (``numba_backend.PARALLEL_MIN_WORK``): loading compiled
-    code is a once-per-process cost, not the client's."""
-    size = 2 * numba_backend.PARALLEL_MIN_WORK
-
-    def one_hot():
-        return torch.sparse_coo_tensor(torch.zeros(1, 1, dtype=torch.int64), torch.ones(1),
-                                       (size,), check_invariants=True)
-
-    weight = nn.Parameter(torch.zeros(size))
-    opt = DeferredAdam([weight])
-    weight.grad = torch.ones(size)
-    opt.step()  # every row: the parallel step
-    weight.grad = one_hot()
-    opt.step()
-    opt.flush()  # every other row missed a step: the parallel replay
-    scatter = ScatterAdam([weight], fused=True)
-    weight.grad = one_hot()
-    scatter.step()  # the pass over every entry is parallel at this size
-
-
 def _memory_child(payload_path: str, impl: str) -> None:
     """Build one hashed client from the downloaded arrays in ``payload_path`` and train it;
     print the rise of the peak resident memory over the resident size before it, in MB, and
@@ -307,19 +285,15 @@ def _memory_child(payload_path: str, impl: str) -> None:
     tiny = _build_client(impl, {**p, "arrays": {k: v[:500] for k, v in p["arrays"].items()}},
                          1000, 500)
     train_client(tiny, torch.arange(0, 1000, 2), 1000, cfg, gen, optimizer)
-    if optimizer == "fastfair":
-        _warm_parallel_optimizer()
     del tiny
     gc.collect()
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
     base = status_kb("VmRSS")
     model = _build_client(impl, p, p["num_items"], p["memory_size"])
-    opts = train_client(model, p["items"], p["num_items"], cfg, gen, optimizer)
+    state = train_client(model, p["items"], p["num_items"], cfg, gen, optimizer)
     peak_mb = (status_kb("VmHWM") - base) / 1024
     params = sum(t.numel() * t.element_size() for t in model.parameters())
-    state = sum(t.numel() * t.element_size() for opt in opts for s in opt.state.values()
-                for t in s.values() if isinstance(t, torch.Tensor))
     tables = sum(t.numel() * t.element_size() for t in model.buffers())
     print(json.dumps({"peak_rise_mb": peak_mb, "held_bytes": {
         "parameters": params, "optimizer_state": state, "index_sign_tables": tables,
@@ -501,9 +475,10 @@ def main() -> None:
         "implementations": LABELS,
         "notes": [
             "All implementations train the same sampled clients (read off fastfair's round) "
-            "with the same capacities and array sizes. fastfair steps its item tables with "
-            "DeferredAdam (Adam touching only the rows a batch used) and the rest with torch's "
-            "fused Adam; reference_fused uses fused Adam for everything; reference uses "
+            "with the same capacities and array sizes. fastfair trains each client in its fused "
+            "kernel (fastfair.fl.fused: the epoch's forward, backward and Adam in one Numba "
+            "call, zero-gradient steps of unused table entries deferred); reference_fused uses "
+            "torch's fused Adam for everything; reference uses "
             "torch.optim.Adam with its defaults, as the reference code does (the per-tensor "
             "implementation on CPU).",
             "Round seconds include download, local training and aggregation; each round runs "

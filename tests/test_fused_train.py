@@ -2,6 +2,7 @@
 fastfair.fl.runner.train_client, which it replaces where it can run the model."""
 import copy
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -143,3 +144,11 @@ def test_a_federated_round_is_the_same_with_either_kernel(monkeypatch, method, t
         # whose gradient is near zero (a ReLU unit that rarely fires) takes Adam steps of
         # lr x sign(rounding noise), which reach the tables: 0.4% of their change here.
         assert (other - table).norm() < 1e-2 * moved, name
+
+
+def test_rounds_beyond_the_step_counter_are_refused(monkeypatch):
+    model = _model("mf", 30, 4, "dense", torch.float32, seed=1)
+    monkeypatch.setitem(fused.MAX_STEPS, np.dtype(np.float32), 3)
+    order = torch.arange(20)
+    with pytest.raises(ValueError, match="more than 3 steps in float32"):
+        fused.train(model, [(order, order[:, None])], 5, "bpr", 0.0, 1e-3)

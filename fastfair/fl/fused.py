@@ -37,6 +37,8 @@ from ..nn import HashedEmbedding
 
 BETAS = (0.9, 0.999)
 EPS = 1e-8
+# The state records count steps in the parameters' dtype: exact up to these.
+MAX_STEPS = {np.dtype(np.float32): 2 ** 24, np.dtype(np.float64): 2 ** 53}
 
 
 def _table_reason(name: str, table: nn.Module) -> Optional[str]:
@@ -91,6 +93,15 @@ def _table(table: nn.Module):
     return w, (False, 1, np.uint64(1), np.uint64(0), np.uint64(0), np.uint64(0), False)
 
 
+def state_bytes(model: nn.Module) -> int:
+    """Bytes of optimizer state ``train`` holds for ``model``: a 3-number record per item-table
+    entry, two moments per other parameter."""
+    tables = [model.item_gmf] + ([model.item_mlp] if model.arch == "neumf" else [])
+    small = _small_params(model)
+    return (sum(3 * t.weight.numel() * t.weight.element_size() for t in tables)
+            + sum(2 * p.numel() * p.element_size() for p in small))
+
+
 def _adam_constants(lr: float, steps: int) -> tuple:
     """``lr / (1 - b1^k)`` and ``1 / sqrt(1 - b2^k)`` for ``k <= steps`` (float64; entry 0
     unused)."""
@@ -118,11 +129,15 @@ def train(model: nn.Module, epochs: Iterable, batch_size: int, loss: str, reg: f
         w0, h0 = _table(model.item_gmf)
         w1, h1 = _table(model.item_mlp) if neumf else (w0[:0], h0)
         # np.zeros maps zeroed pages lazily: only the pages a round touches are ever written.
-        st0, st1 = (np.zeros((w.shape[0], 4), dtype=w.dtype) for w in (w0, w1))
+        st0, st1 = (np.zeros((w.shape[0], 3), dtype=w.dtype) for w in (w0, w1))
         tol = nb.REPLAY_TOL[np.dtype(w0.dtype)]
         step, last = 0, 0.0
         for order, negs in epochs:
             items = torch.cat([order[:, None], negs], 1).to(torch.int64).numpy()
+            if step + -(-items.shape[0] // batch_size) > MAX_STEPS[np.dtype(w0.dtype)]:
+                raise ValueError(f"a local round of more than {MAX_STEPS[np.dtype(w0.dtype)]} "
+                                 f"steps in {w0.dtype} is beyond the kernel's step counter; "
+                                 "use a larger batch, fewer epochs, or --local-kernel autograd")
             step_size, inv_bc2 = _adam_constants(lr, step + -(-items.shape[0] // batch_size))
             total, step = nb._ncf_epoch(
                 items, batch_size, neumf, loss == "bpr", float(reg), model.item_gmf.embedding_dim,

@@ -1968,10 +1968,12 @@ def lsh_softmax_loss(logits, tgt_offsets, tgt_pos):
 # (fastfair.fl.fused drives these and states the math; its reference is the autograd loop of
 # fastfair.fl.runner.train_client.) A table is a flat array ``w`` read through addresses and signs
 # computed per looked-up row: ``idx = i d + k`` for a dense table, ``_index_row`` for a hashed one.
-# Its Adam state is one ``[size, 4]`` array ``st`` of ``(m, v, last step, unused)`` per address:
-# the addresses a step touches are scattered over tables far larger than the caches, and keeping
-# an address's state in one 16-byte record makes each a single cache miss beside ``w``'s, not
-# three. ``last`` is stored as a float (exact below 2^24 steps). Small parameters (user vectors,
+# Its Adam state is one ``[size, 3]`` array ``st`` of ``(m, v, last step)`` per address: the
+# addresses a step touches are scattered over tables far larger than the caches, and keeping an
+# address's state in one 12-byte record makes it one cache miss (two for the records that cross
+# a line) beside ``w``'s, not three; 12 bytes, as DeferredAdam's two moments and int32 step, keep
+# a small device's memory where it was. ``last`` is stored as a float (``fastfair.fl.fused``
+# keeps a round below 2^24 steps, where float32 counts exactly). Small parameters (user vectors,
 # head) sit in one flat array ``x`` laid out as ``[p (d) | p' (d) | W (d x 2d) | b (d) | a (2d) |
 # c (1)]`` (MF: ``[p]`` only).
 
