@@ -78,7 +78,8 @@ _HELP = {
     "full_table": "what full-capacity devices hold: the dense item tables, or hashed arrays "
                   "of the same size with collisions (the FAIR reference code's compression 1)",
     "dim": "embedding dimension d",
-    "assignment": "how users get tiers: seeded shuffle, or the most active get the largest",
+    "assignment": "how users get tiers: seeded shuffle, the most active get the largest, or "
+                  "in user-id order, the first get the largest (the reference code)",
     "clients_per_round": "clients sampled per round (without replacement)",
     "rounds": "federated rounds",
     "local_epochs": "local epochs per round",

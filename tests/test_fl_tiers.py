@@ -109,6 +109,17 @@ def test_counts_sum_for_many_sizes():
         assert bool(((counts - quotas).abs() < 1).all())
 
 
+@pytest.mark.parametrize("num_users,spec", [(99, "2:0-1"), (10, "1:0.3,1/3:0.3,1/7:0.4")])
+def test_by_id_gives_the_first_users_the_largest_tiers(num_users, spec):
+    by_id = assign_tiers(num_users, spec, by_id=True, seed=5)
+    shuffled = assign_tiers(num_users, spec, seed=5)
+    assert by_id.bincount().tolist() == shuffled.bincount().tolist()
+    assert torch.equal(by_id, torch.sort(shuffled).values)  # non-decreasing in user id
+    assert not torch.equal(by_id, shuffled)
+    with pytest.raises(ValueError, match="not both"):
+        assign_tiers(num_users, spec, by_id=True, by_activity=torch.ones(num_users))
+
+
 def test_too_few_users():
     with pytest.raises(ValueError, match="num_users 2 is fewer than the 3 tiers"):
         assign_tiers(2, "2:0-1-2")

@@ -70,7 +70,7 @@ COMPRESSIBLE = ("fair", "fair-inconsistent", "fedavg-full", "exclusion")
 OPTIMIZERS = ("adam", "sgd")
 OPTIMIZER_STATES = ("fresh", "persistent")
 LOSSES = ("bpr", "bce")
-ASSIGNMENTS = ("random", "activity")
+ASSIGNMENTS = ("random", "activity", "id")
 AGGREGATIONS = ("model", "delta", "item-mean")
 WEIGHTINGS = ("data", "capacity")
 NEGATIVE_SAMPLINGS = ("uniform", "unseen")
@@ -349,7 +349,7 @@ class FederatedRunner(RoundRunner):
         self.tiers = parse_tiers(config.tiers)
         activity = data.train_counts() if config.assignment == "activity" else None
         self.tier_of = assign_tiers(data.num_users, self.tiers, seed=config.seed,
-                                    by_activity=activity)
+                                    by_activity=activity, by_id=config.assignment == "id")
         hash_full = config.full_table == "hashed"
         if config.method == "fedavg-full":
             # Every device is full-capacity: the dense table, or one hashed array of about

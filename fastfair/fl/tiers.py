@@ -216,14 +216,15 @@ def _tier_counts(num_users: int, shares: Sequence[float]) -> list[int]:
 
 
 def assign_tiers(num_users: int, tiers: TierSpec, *, seed: int = 0,
-                 by_activity: Optional[Tensor] = None) -> Tensor:
+                 by_activity: Optional[Tensor] = None, by_id: bool = False) -> Tensor:
     """The tier index of every user: int64 ``[num_users]``, indexing ``parse_tiers(tiers)``.
 
     Tier ``t`` gets ``share_t * num_users`` users rounded to whole users (largest remainders,
     counts summing to ``num_users``), and at least one user, so ``num_users`` must be at least the
     number of tiers. Users are placed by a permutation seeded with ``seed``; with
     ``by_activity`` (interaction counts, one per user) the most active users get the largest
-    capacities instead, ties going to the lower user id, and ``seed`` is unused.
+    capacities instead, ties going to the lower user id, and ``seed`` is unused; with ``by_id``
+    users take the tiers in id order, the first ones the largest (the FAIR reference code).
     """
     tiers = parse_tiers(tiers)
     num_users = _int("num_users", num_users, 1)
@@ -233,7 +234,11 @@ def assign_tiers(num_users: int, tiers: TierSpec, *, seed: int = 0,
                          f"needs at least one user")
     counts = _tier_counts(num_users, [t.share for t in tiers])
     labels = torch.repeat_interleave(torch.arange(len(tiers)), torch.tensor(counts))
-    if by_activity is None:
+    if by_id and by_activity is not None:
+        raise ValueError("give by_activity or by_id, not both")
+    if by_id:
+        order = torch.arange(num_users)
+    elif by_activity is None:
         order = torch.randperm(num_users, generator=torch.Generator().manual_seed(seed))
     else:
         if not isinstance(by_activity, Tensor):
