@@ -46,7 +46,8 @@ from torch import Tensor, nn
 from fastfair.fl.data import InteractionData, load_dataset
 from fastfair.fl.model import ClientModel, Head
 from fastfair.fl.fused import state_bytes as fused_state_bytes
-from fastfair.fl.runner import INIT_STD, Config, FederatedRunner
+from fastfair.fl.runner import (INIT_STD, Config, FederatedRunner, client_optimizers,
+                                fused_reason)
 from fastfair.fl.runner import train_client as run_client
 from fastfair.kernels import backends
 from fastfair.nn import HashedEmbedding
@@ -123,12 +124,17 @@ def train_client(model: ClientModel, items: Tensor, num_items: int, cfg: Config,
                  gen: torch.Generator, optimizer: str) -> int:
     """The runner's local round (``fastfair.fl.runner.train_client``) on ``items`` with
     ``optimizer``: ``"default"``, torch's default Adam, as the reference code uses; ``"fused"``,
-    torch's fused Adam (both in the autograd loop); ``"fastfair"``, the runner's own (the fused
-    kernel, ``fastfair.fl.fused``). Returns the bytes of optimizer state the client held."""
+    torch's fused Adam (both in the autograd loop); ``"fastfair"``, what the runner does (its
+    fused kernel, ``fastfair.fl.fused``, for tables of ``DEFERRED_MIN_ENTRIES`` or more entries;
+    the autograd loop with ``client_optimizers`` for smaller ones). Returns the bytes of
+    optimizer state the client held."""
     if optimizer == "fastfair":
-        run_client(cfg, items, num_items, model, gen)
-        return fused_state_bytes(model)
-    opts = [torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=optimizer == "fused")]
+        if fused_reason(cfg, model, cfg.local_kernel, None, None) is None:
+            run_client(cfg, items, num_items, model, gen)
+            return fused_state_bytes(model)
+        opts = client_optimizers(model, "adam", cfg.lr)
+    else:
+        opts = [torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=optimizer == "fused")]
     run_client(cfg, items, num_items, model, gen, optimizers=opts)
     return sum(t.numel() * t.element_size() for opt in opts for s in opt.state.values()
                for t in s.values() if isinstance(t, torch.Tensor))

@@ -92,8 +92,9 @@ _HELP = {
     "negative_sampling": "draw negatives uniformly over every item (uniform), or over the items "
                          "outside the client's training interactions (unseen, the reference "
                          "code)",
-    "local_kernel": "how clients train locally: compiled kernels where they apply (fused; "
-                    "autograd elsewhere), or always autograd (the same round, to rounding)",
+    "local_kernel": "how clients train locally: compiled kernels (fused, where they apply), "
+                    "autograd, or auto (fused for item tables of 2^19+ entries, autograd for "
+                    "smaller ones, which it trains in less memory); the same round, to rounding",
     "reg": "L2 weight on the embeddings each batch uses",
     "aggregation": "average what clients hold (model, the reference rule), what they changed "
                    "(delta), or each item's change over the clients that changed it "

@@ -152,3 +152,15 @@ def test_rounds_beyond_the_step_counter_are_refused(monkeypatch):
     order = torch.arange(20)
     with pytest.raises(ValueError, match="more than 3 steps in float32"):
         fused.train(model, [(order, order[:, None])], 5, "bpr", 0.0, 1e-3)
+
+
+@pytest.mark.parametrize("memory,fused_runs", [(4096, False), (DEFERRED_MIN_ENTRIES, True)])
+def test_auto_kernel_keeps_small_tables_in_the_leaner_autograd_loop(monkeypatch, memory,
+                                                                     fused_runs):
+    calls = []
+    monkeypatch.setattr(fused, "train", lambda *a, **k: calls.append(1) or train(*a, **k))
+    cfg = Config(arch="neumf", dim=4, local_epochs=1, batch_size=8, lr=0.01)
+    assert cfg.local_kernel == "auto"
+    model = _model("neumf", 100, 4, (memory, 1, True), torch.float32, seed=2)
+    train_client(cfg, torch.arange(0, 100, 7), 100, model, torch.Generator().manual_seed(0))
+    assert bool(calls) == fused_runs

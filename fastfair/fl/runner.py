@@ -74,7 +74,7 @@ ASSIGNMENTS = ("random", "activity", "id")
 AGGREGATIONS = ("model", "delta", "item-mean")
 WEIGHTINGS = ("data", "capacity")
 NEGATIVE_SAMPLINGS = ("uniform", "unseen")
-LOCAL_KERNELS = ("fused", "autograd")
+LOCAL_KERNELS = ("auto", "fused", "autograd")
 # The value of ``Config.user_step`` that makes each client's step its share of the round's data.
 DATA_STEP = "data"
 # item-mean averages each item's row over the devices that changed it: rows must be the same
@@ -151,7 +151,10 @@ class Config:
     ``local_kernel``: ``"fused"`` runs a client's local round in compiled kernels
     (``fastfair.fl.fused``) where it can (Adam with a fresh state, dense or hashed item tables,
     parameters on the CPU), the autograd loop elsewhere; ``"autograd"`` always runs the autograd
-    loop. Both compute the same round, to float rounding.
+    loop; ``"auto"`` runs the fused kernel for item tables of ``DEFERRED_MIN_ENTRIES`` or more
+    and the autograd loop for smaller ones, where ``ScatterAdam`` holds 12 bytes per entry
+    against the kernel's 16 and ~1 MB of batch buffers (a small device's memory matters more
+    than its speed). All compute the same round, to float rounding.
 
     ``negative_sampling``: ``"uniform"`` draws each negative uniformly over the whole catalogue
     (a negative may be one of the client's positives); ``"unseen"`` uniformly over the items
@@ -181,7 +184,7 @@ class Config:
     loss: str = "bpr"
     negatives: int = 1
     negative_sampling: str = "uniform"
-    local_kernel: str = "fused"
+    local_kernel: str = "auto"
     reg: float = 0.0
     chunk_size: int = 1
     dropout: float = 0.0
@@ -1097,15 +1100,18 @@ def _epoch_draws(cfg: Config, pos: Tensor, num_items: int, gen: torch.Generator)
         yield order, draw_negatives(gen, pos.numel(), cfg.negatives, num_items, seen)
 
 
-def _fused_reason(cfg: Config, model: ClientModel, kernel: str, optimizer_state,
+def fused_reason(cfg: Config, model: ClientModel, kernel: str, optimizer_state,
                   optimizers) -> Optional[str]:
     """Why this local round runs the autograd loop rather than ``fused.train`` (None: fused)."""
-    if kernel != "fused":
+    if kernel == "autograd":
         return "the autograd loop was asked for"
     if cfg.optimizer != "adam" or cfg.optimizer_state != "fresh":
         return "the fused kernel trains with a fresh Adam only"
     if optimizer_state is not None or optimizers is not None:
         return "optimizers or their state were given"
+    if kernel == "auto" and any(not _deferred(p.numel()) for name, p in model.named_parameters()
+                                if name.startswith("item_")):
+        return "item tables this small train in less memory in the autograd loop"
     return fused.unsupported(model)
 
 
@@ -1118,8 +1124,9 @@ def train_client(cfg: Config, pos: Tensor, num_items: int, model: ClientModel,
     over the items not in ``pos``), minimising the BPR (``-log sigma(s_pos - s_neg)``) or BCE
     loss (plus ``cfg.reg`` times the batch's squared embedding norms over the batch size) with
     ``client_optimizers`` (or the given ``optimizers``), resumed from ``optimizer_state`` when
-    given. ``kernel`` (default ``cfg.local_kernel``): ``"fused"`` runs the round in
-    ``fastfair.fl.fused`` where it can, ``"autograd"`` with autograd and torch optimizers.
+    given. ``kernel`` (default ``cfg.local_kernel``, see ``Config``): ``"fused"`` runs the
+    round in ``fastfair.fl.fused`` where it can, ``"autograd"`` with autograd and torch
+    optimizers, ``"auto"`` fused for large item tables only.
     Returns the mean loss of the last epoch and, with ``cfg.optimizer_state == "persistent"``,
     the optimizers' states (else None). Its only use of ``gen`` is what ``replay_local_train``
     replays."""
@@ -1127,7 +1134,7 @@ def train_client(cfg: Config, pos: Tensor, num_items: int, model: ClientModel,
     if kernel not in LOCAL_KERNELS:
         raise ValueError(f"kernel must be one of {LOCAL_KERNELS}, got {kernel!r}")
     epochs = _epoch_draws(cfg, pos, num_items, gen)
-    if _fused_reason(cfg, model, kernel, optimizer_state, optimizers) is None:
+    if fused_reason(cfg, model, kernel, optimizer_state, optimizers) is None:
         return fused.train(model, epochs, cfg.batch_size, cfg.loss, cfg.reg, cfg.lr), None
     opts = optimizers if optimizers is not None else client_optimizers(model, cfg.optimizer,
                                                                        cfg.lr)
