@@ -49,8 +49,9 @@ from fastfair.fl.fused import state_bytes as fused_state_bytes
 from fastfair.fl.runner import (INIT_STD, Config, FederatedRunner, client_optimizers,
                                 fused_reason)
 from fastfair.fl.runner import train_client as run_client
-from fastfair.kernels import backends
+from fastfair.kernels import backends, numba_backend
 from fastfair.nn import HashedEmbedding
+from fastfair.optim import DeferredAdam, ScatterAdam
 
 HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -277,6 +278,28 @@ def _build_client(impl: str, p: dict, num_items: int, memory_size: int) -> Clien
     return reference_client(num_items, p["dim"], memory_size, p["arrays"], p["head"], p["user"])
 
 
+def _warm_parallel_optimizer() -> None:
+    """Load the optimizers' parallel Numba builds (DeferredAdam's, ScatterAdam's), which the tiny
+    warm-up client is too small to launch (``numba_backend.PARALLEL_MIN_WORK``): loading compiled
+    code is a once-per-process cost, not the client's."""
+    size = 2 * numba_backend.PARALLEL_MIN_WORK
+
+    def one_hot():
+        return torch.sparse_coo_tensor(torch.zeros(1, 1, dtype=torch.int64), torch.ones(1),
+                                       (size,), check_invariants=True)
+
+    weight = nn.Parameter(torch.zeros(size))
+    opt = DeferredAdam([weight])
+    weight.grad = torch.ones(size)
+    opt.step()  # every row: the parallel step
+    weight.grad = one_hot()
+    opt.step()
+    opt.flush()  # every other row missed a step: the parallel replay
+    scatter = ScatterAdam([weight], fused=True)
+    weight.grad = one_hot()
+    scatter.step()  # the pass over every entry is parallel at this size
+
+
 def _memory_child(payload_path: str, impl: str) -> None:
     """Build one hashed client from the downloaded arrays in ``payload_path`` and train it;
     print the rise of the peak resident memory over the resident size before it, in MB, and
@@ -291,6 +314,8 @@ def _memory_child(payload_path: str, impl: str) -> None:
     tiny = _build_client(impl, {**p, "arrays": {k: v[:500] for k, v in p["arrays"].items()}},
                          1000, 500)
     train_client(tiny, torch.arange(0, 1000, 2), 1000, cfg, gen, optimizer)
+    if optimizer == "fastfair":
+        _warm_parallel_optimizer()
     del tiny
     gc.collect()
     with open("/proc/self/clear_refs", "w") as f:
