@@ -2050,6 +2050,19 @@ def _ncf_epoch(items, batch, neumf, bpr, reg, dim, w0, st0, h0, w1, st1, h1, x, 
     gs = np.empty(rmax)
     gx = np.empty(x.shape[0])
     uz = np.empty(dim)
+    # float64 copies of the small parameters for the batch, and the batch sums their gradients
+    # need: every row of a batch shares the user vectors, so the user-side terms are summed
+    # over rows first and multiplied once.
+    wu = np.empty((dim, dim))
+    wi = np.empty((dim, dim))
+    pg = np.empty(dim)
+    pm = np.empty(dim)
+    am = np.empty(dim)
+    apg = np.empty(dim)
+    sq0 = np.empty(dim)
+    gam = np.empty(dim)
+    sdz = np.empty(dim)
+    gwi = np.empty((dim, dim))
     addr = np.empty(rmax * dim, dtype=np.int64)
     val = np.empty(rmax * dim)
     saved = np.empty(rmax * dim, dtype=np.int64)
@@ -2067,29 +2080,39 @@ def _ncf_epoch(items, batch, neumf, bpr, reg, dim, w0, st0, h0, w1, st1, h1, x, 
             _ncf_rows(items, lo, nb, cols, 1, h1[0], dim, h1[1], h1[2], h1[3], h1[4], h1[5],
                       h1[6], w1, st1, idx, sgn, q, step, step_size, inv_bc2, b1, b2, eps, tails,
                       powers, tol)
+        for k in range(dim):
+            pg[k] = x[k]
+        if neumf:
+            for j in range(dim):
+                pm[j] = x[dim + j]
+                am[j] = x[oa + dim + j]
+                apg[j] = np.float64(x[oa + j]) * pg[j]
+                for k in range(dim):
+                    wu[j, k] = x[ow + j * 2 * dim + k]
+                    wi[j, k] = x[ow + j * 2 * dim + dim + k]
             for j in range(dim):
                 acc = np.float64(x[ob + j])
                 for k in range(dim):
-                    acc += np.float64(x[ow + j * 2 * dim + k]) * x[dim + k]
+                    acc += wu[j, k] * pm[k]
                 uz[j] = acc
         # Scores.
         for r in range(rows):
             if neumf:
                 acc = np.float64(x[oc])
                 for k in range(dim):
-                    acc += np.float64(x[oa + k]) * x[k] * q[0, r, k]
+                    acc += apg[k] * q[0, r, k]
                 for j in range(dim):
                     zj = uz[j]
                     for k in range(dim):
-                        zj += np.float64(x[ow + j * 2 * dim + dim + k]) * q[1, r, k]
+                        zj += wi[j, k] * q[1, r, k]
                     hid[r, j] = zj
                     if zj > 0:
-                        acc += np.float64(x[oa + dim + j]) * zj
+                        acc += am[j] * zj
                 s[r] = acc
             else:
                 acc = 0.0
                 for k in range(dim):
-                    acc += np.float64(x[k]) * q[0, r, k]
+                    acc += pg[k] * q[0, r, k]
                 s[r] = acc
         # Loss and its gradient in the scores.
         loss = 0.0
@@ -2126,39 +2149,59 @@ def _ncf_epoch(items, batch, neumf, bpr, reg, dim, w0, st0, h0, w1, st1, h1, x, 
                     loss += np.log1p(e) - y * u
                     gs[r] = (e / (1.0 + e) - y) / rows
             loss /= rows
-        # Backward.
+        # Backward: per row the item rows' gradients and the sums over rows; then the small
+        # parameters' gradients from the sums.
         for i in range(x.shape[0]):
             gx[i] = 0.0
+        sg = 0.0
+        for k in range(dim):
+            sq0[k] = 0.0
+            gam[k] = 0.0
+            sdz[k] = 0.0
+            for j in range(dim):
+                gwi[k, j] = 0.0
         scale = 2.0 * reg / nb
         for r in range(rows):
             g = gs[r]
+            sg += g
+            for k in range(dim):
+                sq0[k] += g * q[0, r, k]
             if neumf:
-                gx[oc] += g
                 for k in range(dim):
-                    gx[oa + k] += g * x[k] * q[0, r, k]
-                    gx[k] += g * x[oa + k] * q[0, r, k]
-                    gq[0, r, k] = g * x[oa + k] * x[k]
+                    gq[0, r, k] = g * apg[k]
                     gq[1, r, k] = 0.0
                 for j in range(dim):
                     zj = hid[r, j]
                     if zj > 0:
-                        gx[oa + dim + j] += g * zj
-                        dz = g * x[oa + dim + j]
-                        gx[ob + j] += dz
-                        row = ow + j * 2 * dim
+                        gam[j] += g * zj
+                        dz = g * am[j]
+                        sdz[j] += dz
                         for k in range(dim):
-                            gx[row + k] += dz * x[dim + k]
-                            gx[row + dim + k] += dz * q[1, r, k]
-                            gx[dim + k] += dz * x[row + k]
-                            gq[1, r, k] += dz * x[row + dim + k]
+                            gwi[j, k] += dz * q[1, r, k]
+                            gq[1, r, k] += dz * wi[j, k]
             else:
                 for k in range(dim):
-                    gx[k] += g * q[0, r, k]
-                    gq[0, r, k] = g * x[k]
+                    gq[0, r, k] = g * pg[k]
             if reg:
                 for t in range(tabs):
                     for k in range(dim):
                         gq[t, r, k] += scale * q[t, r, k]
+        if neumf:
+            gx[oc] = sg
+            for j in range(dim):
+                gx[oa + j] = pg[j] * sq0[j]
+                gx[j] = np.float64(x[oa + j]) * sq0[j]
+                gx[oa + dim + j] = gam[j]
+                gx[ob + j] = sdz[j]
+                acc = 0.0
+                for k in range(dim):
+                    gx[ow + j * 2 * dim + k] = sdz[j] * pm[k]
+                    gx[ow + j * 2 * dim + dim + k] = gwi[j, k]
+                    acc += wu[k, j] * sdz[k]
+                gx[dim + j] = acc
+        else:
+            for k in range(dim):
+                gx[k] = sq0[k]
         if reg:
             for k in range(tabs * dim):
                 gx[k] += scale * x[k]
