@@ -76,7 +76,8 @@ _HELP = {
     "head_init": "NeuMF dense layers' initialisation: NeuMF's usual (ncf) or nn.Linear's "
                  "default (torch, fastfair's before 2026-11-21)",
     "full_table": "what full-capacity devices hold: the dense item tables, or hashed arrays "
-                  "of the same size with collisions (the FAIR reference code's compression 1)",
+                  "of the same size with collisions (an early FAIR reference version's "
+                  "compression 1)",
     "dim": "embedding dimension d",
     "assignment": "how users get tiers: seeded shuffle, the most active get the largest, or "
                   "in user-id order, the first get the largest (the reference code)",

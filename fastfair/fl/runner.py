@@ -135,8 +135,9 @@ class Config:
 
     ``full_table``: what a full-capacity device (fraction 1; every device under
     ``fedavg-full``) holds of each item table: the dense table, or ``"hashed"``: a hashed array
-    of about ``n d`` slots, the largest of the nested chain, as every client of the FAIR
-    reference code holds (compression 1 is an array the size of the table, with collisions).
+    of about ``n d`` slots, the largest of the nested chain, as an early version of the FAIR
+    reference code gives compression 1 (an array the size of the table, with collisions; the
+    version its README documents keeps compression 1 dense).
     Methods ``HASHED_FULL_METHODS`` only.
 
     ``user_step``: a device keeps this fraction of its private vectors' change in a round,
