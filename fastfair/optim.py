@@ -192,6 +192,18 @@ class DeferredAdam(_RowAdam):
             values.to(p.dtype).contiguous(), t, step_size, inv, b1, b2, group["eps"])
         state["step"] = t + 1
 
+    def _replay(self, group, p, state, rows) -> None:
+        """Replay the pending zero-gradient steps of ``p``'s ``rows`` (each with
+        ``0 < last < step``) up to the current step."""
+        if rows.numel() == 0:
+            return
+        b1, b2 = group["betas"]
+        t = state["step"]
+        step_size, inv = self._constants(group, t, p.device)
+        self._backend(group, p.device)[1](
+            self._rows(p.data), self._rows(state["exp_avg"]), self._rows(state["exp_avg_sq"]),
+            state["last"], rows, None, t, step_size, inv, b1, b2, group["eps"])
+
     @torch.no_grad()
     def catch_up(self, p, rows) -> None:
         """Take the pending zero-gradient steps of rows ``rows`` (distinct, along ``p``'s first
@@ -200,15 +212,8 @@ class DeferredAdam(_RowAdam):
         if not state or rows.numel() == 0:
             return
         group = next(g for g in self.param_groups if any(q is p for q in g["params"]))
-        b1, b2 = group["betas"]
-        t, last = state["step"], state["last"]
-        rows = rows[(last[rows] > 0) & (last[rows] < t)]
-        if rows.numel() == 0:
-            return
-        step_size, inv = self._constants(group, t, p.device)
-        self._backend(group, p.device)[1](
-            self._rows(p.data), self._rows(state["exp_avg"]), self._rows(state["exp_avg_sq"]),
-            last, rows, None, t, step_size, inv, b1, b2, group["eps"])
+        last = state["last"][rows]
+        self._replay(group, p, state, rows[(last > 0) & (last < state["step"])])
 
     def track(self, module):
         """Catch up, before each forward of ``module`` (a ``torch.nn.Embedding``,
@@ -236,21 +241,14 @@ class DeferredAdam(_RowAdam):
     def flush(self) -> None:
         """Replay every deferred step, so the parameters hold plain Adam's values."""
         for group in self.param_groups:
-            b1, b2 = group["betas"]
             for p in group["params"]:
                 state = self.state.get(p)
                 if not state:
                     continue
-                t, last = state["step"], state["last"]
+                last = state["last"]
                 # Rows never used have zero moments: their deferred steps move nothing.
-                rows = torch.nonzero((last > 0) & (last < t)).flatten()
-                if rows.numel() == 0:
-                    continue
-                step_size, inv = self._constants(group, t, p.device)
-                self._backend(group, p.device)[1](
-                    self._rows(p.data), self._rows(state["exp_avg"]),
-                    self._rows(state["exp_avg_sq"]), last, rows, None, t, step_size, inv,
-                    b1, b2, group["eps"])
+                self._replay(group, p, state,
+                             torch.nonzero((last > 0) & (last < state["step"])).flatten())
 
 
 class ScatterAdam(torch.optim.Adam):
