@@ -35,6 +35,7 @@ from torch import nn
 from ..kernels import hashing
 from ..kernels import numba_backend as nb
 from ..nn import HashedEmbedding
+from ..optim import DeferredAdam
 
 BETAS = (0.9, 0.999)
 EPS = 1e-8
@@ -57,10 +58,8 @@ def _table_reason(name: str, table: nn.Module) -> Optional[str]:
 
 def unsupported(model: nn.Module) -> Optional[str]:
     """Why ``train`` cannot run ``model`` (``None`` when it can)."""
-    tables = [("gmf", model.item_gmf)] + ([("mlp", model.item_mlp)]
-                                          if model.arch == "neumf" else [])
-    for name, table in tables:
-        reason = _table_reason(name, table)
+    for name in model.table_names():
+        reason = _table_reason(name, getattr(model, f"item_{name}"))
         if reason is not None:
             return reason
     dtypes = {p.dtype for p in model.parameters()}
@@ -95,7 +94,7 @@ def _table(table: nn.Module):
 def state_bytes(model: nn.Module) -> int:
     """Bytes of optimizer state ``train`` holds for ``model``: a 3-number record per item-table
     entry, two moments per other parameter."""
-    tables = [model.item_gmf] + ([model.item_mlp] if model.arch == "neumf" else [])
+    tables = [getattr(model, f"item_{name}") for name in model.table_names()]
     small = _small_params(model)
     return (sum(3 * t.weight.numel() * t.weight.element_size() for t in tables)
             + sum(2 * p.numel() * p.element_size() for p in small))
@@ -103,10 +102,9 @@ def state_bytes(model: nn.Module) -> int:
 
 def _adam_constants(lr: float, steps: int) -> tuple:
     """``lr / (1 - b1^k)`` and ``1 / sqrt(1 - b2^k)`` for ``k <= steps`` (float64; entry 0
-    unused)."""
-    k = np.arange(steps + 1, dtype=np.float64)
-    k[0] = 1
-    return lr / (1 - BETAS[0] ** k), 1 / np.sqrt(1 - BETAS[1] ** k)
+    unused): ``DeferredAdam``'s own tables."""
+    step_size, inv = DeferredAdam._constants({"lr": lr, "betas": BETAS}, steps, "cpu")
+    return step_size.numpy(), inv.numpy()
 
 
 def train(model: nn.Module, epochs: Iterable, batch_size: int, loss: str, reg: float,
