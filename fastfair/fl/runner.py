@@ -885,11 +885,9 @@ class FederatedRunner(RoundRunner):
             return
         total = sum(w for _, w in accepted)
         for client, w in accepted:
-            before = {k: v[client] for k, v in self.user_vectors.items()}
-            kept = {name: start + (w / total) * (trained[client][name] - start)
-                    for name, start in before.items()}
-            for name, vector in kept.items():
-                self.user_vectors[name][client] = vector
+            for name, vectors in self.user_vectors.items():
+                start = vectors[client]
+                vectors[client] = start + (w / total) * (trained[client][name] - start)
 
     def transmit(self, client: int, update, start, view: ClientView, down: int,
                  reason: Optional[str]) -> tuple:
