@@ -76,3 +76,34 @@ def test_kernels_leave_torch_threads_alone_and_allow_threads(tmp_path):
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env,
                          timeout=300)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+def test_prefetch_hint_changes_nothing_and_takes_only_vectors():
+    """The fused kernel's prefetch is a hint: a gather that issues it (at the last element too)
+    reads what a plain gather reads, and a 2-D array is refused when the caller compiles."""
+    import numpy as np
+    from numba import njit
+    from numba.core.errors import TypingError
+
+    @njit
+    def gather(w, idx, hint):
+        out = np.empty(idx.shape[0], dtype=w.dtype)
+        for i in range(idx.shape[0]):
+            if hint:
+                _prefetch(w, idx[i])
+            out[i] = w[idx[i]]
+        return out
+
+    _prefetch = numba_backend._prefetch
+    rng = np.random.default_rng(3)
+    for dtype in (np.float32, np.float64):
+        w = rng.standard_normal(1001).astype(dtype)
+        idx = np.concatenate([rng.integers(0, 1001, 500), [1000, 0]])
+        np.testing.assert_array_equal(gather(w, idx, True), w[idx])
+
+    @njit
+    def on_matrix(w):
+        _prefetch(w, 0)
+
+    with pytest.raises(TypingError):
+        on_matrix(np.zeros((3, 2)))

@@ -22,7 +22,9 @@ What a round costs without autograd: per row, ``2 d`` scattered loads and ``~3 d
 multiply-adds for NeuMF (the user-side gradients are products of sums over the batch), and per
 touched address one Adam update. On Goodreads-100 (d = 8, batches of 1024 rows) that is about
 2 x 10^5 multiply-adds and 16K updates a step, against the autograd loop's ~20 kernel launches
-and a sparse gradient per table; the scattered loads are what the kernel waits on.
+and a sparse gradient per table. The scattered loads are what the kernel waits on, so it
+computes a batch's addresses first and prefetches them: their misses overlap (measured on the
+2-core VM, one thread: a round's epochs 20-25% faster).
 """
 from __future__ import annotations
 

@@ -24,7 +24,11 @@ import types
 import numba
 import numpy as np
 import torch
+from llvmlite import ir
 from numba import njit, prange
+from numba import types as nbtypes
+from numba.core import cgutils
+from numba.extending import intrinsic
 
 from . import hashing
 
@@ -191,6 +195,31 @@ def _sign_window(hs, wi, cw, win, dim):
 # per-column bit tests. Array positions are ``uint64``: Numba adds a negative-index wraparound
 # test to every signed index it cannot prove non-negative (measured: a third of the forward). ``lo <= slot_chunk < hi`` restricts the scatter to one thread's share of the slot range
 # (the full range everywhere else).
+
+
+@intrinsic
+def _prefetch(typingctx, array, index):
+    """Hint the CPU to fetch the line of ``array[index]`` (1-D) into every cache level for a
+    read (LLVM's ``prefetch``). It never faults and computes nothing: a gather over an array
+    far larger than the caches issues the loads of the elements it reaches later first, so
+    their misses overlap instead of each waiting its turn."""
+    if not isinstance(array, nbtypes.Array) or array.ndim != 1:
+        return None
+
+    def codegen(context, builder, signature, args):
+        aryty = signature.args[0]
+        ary = context.make_array(aryty)(context, builder, args[0])
+        ptr = cgutils.get_item_pointer(context, builder, aryty, ary, [args[1]],
+                                       wraparound=False, boundscheck=False)
+        byte_ptr = ir.IntType(8).as_pointer()
+        i32 = ir.IntType(32)
+        fn = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(ir.VoidType(), [byte_ptr, i32, i32, i32]),
+            "llvm.prefetch.p0")
+        builder.call(fn, [builder.bitcast(ptr, byte_ptr), i32(0), i32(3), i32(1)])
+        return context.get_dummy_value()
+
+    return nbtypes.void(array, index), codegen
 
 
 @njit(cache=True, inline="always")
@@ -1078,10 +1107,11 @@ REPLAY_TOL = {np.dtype(np.float32): 2.0 ** -24, np.dtype(np.float64): 2.0 ** -53
 
 @njit(cache=True)
 def _replay_tables(step_size, inv, b1, b2, upto, terms):
-    """``tails[n, s] = T_n(s)`` for replays ending at ``upto`` (backward recursion
+    """``tails[s, n] = T_n(s)`` for replays ending at ``upto`` (backward recursion
     ``T_n(s) = rho_n (step_size[s+1] / inv[s+1]^(n+1) + T_n(s+1))``, ``rho_n = b1 /
     b2^((n+1)/2)``), and ``b1^J``, ``b2^J``, ``b2^(J/2)`` for ``J <= upto``."""
-    tails = np.zeros((terms, upto + 1))
+    # One start's terms side by side: a replay reads them together.
+    tails = np.zeros((upto + 1, terms))
     rho = np.empty(terms)
     for n in range(terms):
         rho[n] = b1 / np.sqrt(b2) ** (n + 1)
@@ -1089,7 +1119,7 @@ def _replay_tables(step_size, inv, b1, b2, upto, terms):
         q = 1.0 / inv[s + 1]
         term = step_size[s + 1] * q
         for n in range(terms):
-            tails[n, s] = rho[n] * (term + tails[n, s + 1])
+            tails[s, n] = rho[n] * (term + tails[s + 1, n])
             term *= q
     powers = np.empty((3, upto + 1))
     half = np.sqrt(b2)
@@ -1109,20 +1139,20 @@ def _adam_entry(pp, mm, vv, start, upto, gg, has_grad, step_size, inv_bc2, b1, b
     new ``(p, m, v)``."""
     span = upto - start
     x = np.sqrt(vv)
-    terms = tails.shape[0] + 1
+    terms = tails.shape[1] + 1
     if span > 0 and x > 0:
         r = eps / (x * powers[2, span] * inv_bc2[upto])
         if r < 1:
             bound = 2.0 / (1.0 - r)
             terms = 0
-            while bound > tol and terms <= tails.shape[0]:
+            while bound > tol and terms <= tails.shape[1]:
                 bound *= r
                 terms += 1
-    if span > 0 and x > 0 and terms <= tails.shape[0]:
+    if span > 0 and x > 0 and terms <= tails.shape[1]:
         z = -eps / x
         acc = 0.0
         for n in range(terms - 1, -1, -1):
-            acc = tails[n, start] + z * acc
+            acc = tails[start, n] + z * acc
         pp -= mm / x * acc
         mm *= powers[0, span]
         vv *= powers[1, span]
@@ -1979,11 +2009,12 @@ def lsh_softmax_loss(logits, tgt_offsets, tgt_pos):
 
 
 @njit(cache=True, inline="always")
-def _ncf_rows(items, lo, nb, cols, t, hashed, dim, z, nslots, magic, ka, ks, signed, w, st, idx,
-              sgn, q, upto, step_size, inv_bc2, b1, b2, eps, tails, powers, tol):
-    """Addresses, signs and values of table ``t``'s rows for the ``nb x cols`` items from row
-    ``lo`` of ``items``. An address read with deferred steps pending takes them first (so the
-    values read are plain Adam's after ``upto`` steps)."""
+def _ncf_index(items, lo, nb, cols, t, hashed, dim, z, nslots, magic, ka, ks, signed, w, stf,
+               idx, sgn):
+    """Addresses and signs of table ``t``'s rows for the ``nb x cols`` items from row ``lo`` of
+    ``items``, each address's value and state prefetched: a batch's gathers then find them in
+    the caches instead of waiting on memory one address at a time (``stf`` is the state
+    flattened)."""
     for r in range(nb * cols):
         item = items[lo + r // cols, r % cols]
         if hashed:
@@ -1991,6 +2022,19 @@ def _ncf_rows(items, lo, nb, cols, t, hashed, dim, z, nslots, magic, ka, ks, sig
         else:
             for k in range(dim):
                 idx[t, r, k] = item * dim + k
+        for k in range(dim):
+            a = idx[t, r, k]
+            _prefetch(w, a)
+            _prefetch(stf, 3 * a)
+
+
+@njit(cache=True, inline="always")
+def _ncf_rows(rows, t, dim, w, st, idx, sgn, q, upto, step_size, inv_bc2, b1, b2, eps, tails,
+              powers, tol):
+    """Values of table ``t``'s ``rows`` rows at the addresses ``_ncf_index`` gave. An address
+    read with deferred steps pending takes them first (so the values read are plain Adam's
+    after ``upto`` steps)."""
+    for r in range(rows):
         for k in range(dim):
             a = idx[t, r, k]
             last = np.int64(st[a, 2])
@@ -2068,18 +2112,23 @@ def _ncf_epoch(items, batch, neumf, bpr, reg, dim, w0, st0, h0, w1, st1, h1, x, 
     saved = np.empty(rmax * dim, dtype=np.int64)
     ow, ob, oa, oc = 2 * dim, 2 * dim + 2 * dim * dim, 3 * dim + 2 * dim * dim, \
         5 * dim + 2 * dim * dim
+    stf0 = st0.reshape(-1)
+    stf1 = st1.reshape(-1)
     total = 0.0
     for lo in range(0, P, batch):
         nb = min(batch, P - lo)
         rows = nb * cols
         tails, powers = _replay_tables(step_size, inv_bc2, b1, b2, step, REPLAY_TERMS)
-        _ncf_rows(items, lo, nb, cols, 0, h0[0], dim, h0[1], h0[2], h0[3], h0[4], h0[5], h0[6],
-                  w0, st0, idx, sgn, q, step, step_size, inv_bc2, b1, b2, eps, tails, powers,
-                  tol)
+        _ncf_index(items, lo, nb, cols, 0, h0[0], dim, h0[1], h0[2], h0[3], h0[4], h0[5],
+                   h0[6], w0, stf0, idx, sgn)
         if neumf:
-            _ncf_rows(items, lo, nb, cols, 1, h1[0], dim, h1[1], h1[2], h1[3], h1[4], h1[5],
-                      h1[6], w1, st1, idx, sgn, q, step, step_size, inv_bc2, b1, b2, eps, tails,
-                      powers, tol)
+            _ncf_index(items, lo, nb, cols, 1, h1[0], dim, h1[1], h1[2], h1[3], h1[4], h1[5],
+                       h1[6], w1, stf1, idx, sgn)
+        _ncf_rows(rows, 0, dim, w0, st0, idx, sgn, q, step, step_size, inv_bc2, b1, b2, eps,
+                  tails, powers, tol)
+        if neumf:
+            _ncf_rows(rows, 1, dim, w1, st1, idx, sgn, q, step, step_size, inv_bc2, b1, b2, eps,
+                      tails, powers, tol)
         for k in range(dim):
             pg[k] = x[k]
         if neumf:
