@@ -341,6 +341,16 @@ def test_deferred_adam_replay_matches_the_step_by_step_reference(dtype, rows, wi
     assert moved.any() and not moved[torch.isin(torch.arange(table), used, invert=True)].any()
 
 
+def test_replay_fast_path_bound_meets_each_dtype_tolerance():
+    """Elements with r up to ``_fast_r(tol)`` take a fixed number of series terms: the series'
+    error bound ``2 r^N / (1 - r)`` must stay within the dtype's tolerance there."""
+    nb = backends.load("numba")
+    for tol in nb.REPLAY_TOL.values():
+        r = nb._fast_r(tol)
+        assert 0 < r <= 0.5
+        assert 2 * r ** nb.REPLAY_FAST_TERMS / (1 - r) <= tol
+
+
 @pytest.mark.parametrize("cls", [ScatterAdam, DeferredAdam, LazyAdam])
 def test_sparse_gradients_must_be_row_sparse(cls):
     w = torch.nn.Parameter(torch.randn(4, 3))
