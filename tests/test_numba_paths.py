@@ -44,6 +44,34 @@ def test_every_bag_path_matches_the_reference(path, mode, with_psw, monkeypatch)
         assert_close_to_fp64(got, ref, ref64)
 
 
+@pytest.mark.parametrize("threshold", [0, 1 << 62])
+@pytest.mark.parametrize("dim,chunk,signed", [(19, 4, True), (8, 1, True), (5, 5, False),
+                                              (40, 8, True), (3, 1, False)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_plain_lookups_prefetched_or_not_equal_the_reference(threshold, dim, chunk, signed,
+                                                             dtype, monkeypatch):
+    """A lookup of one row per index reads arrays past ``ROWS_PREFETCH_BYTES`` in prefetched
+    blocks (``_rows_forward``) and smaller ones bag by bag: both equal the reference exactly,
+    over block tails, chunks that do not divide the row, signed and unsigned hashes; the
+    gradient is the same scatter either way."""
+    monkeypatch.setattr(numba_backend, "ROWS_PREFETCH_BYTES", threshold)
+    gen = torch.Generator().manual_seed(dim * 31 + chunk)
+    spec = fastfair.HashSpec(5003, dim, memory_size=chunk * 977, chunk_size=chunk, seed=5,
+                             signed=signed)
+    w = rand(spec.memory_size, gen, dtype, "cpu")
+    rows = numba_backend.ROW_BLOCK * 3 + 17
+    idx = torch.randint(0, spec.num_embeddings, (rows,), generator=gen)
+    idx[:2] = torch.tensor([0, spec.num_embeddings - 1])
+    out = {}
+    for backend in ("numba", "reference"):
+        wb = w.clone().requires_grad_()
+        got = fastfair.embedding(idx, wb, spec, backend=backend)
+        got.backward(rand(got.shape, torch.Generator().manual_seed(1), dtype, "cpu"))
+        out[backend] = (got.detach(), wb.grad)
+    assert torch.equal(out["numba"][0], out["reference"][0])
+    torch.testing.assert_close(out["numba"][1], out["reference"][1])
+
+
 def test_kernels_leave_torch_threads_alone_and_allow_threads(tmp_path):
     """In a fresh process (numba picks its threading layer at the first launch): torch's thread
     count survives a parallel launch, and launches from several Python threads at once work."""

@@ -372,6 +372,44 @@ def _bag_forward(w, indices, offsets, psw, dim, z, nslots, magic, ka, ks, signs,
                 acc[k] *= inv
 
 
+# One row per bag (a plain lookup, ``expand_dense``) over an array larger than the caches: rows
+# go in blocks whose addresses are computed and prefetched first, then read, so a block's misses
+# overlap instead of each waiting its turn. Measured on the 2-core VM, one thread, 359,014 x 8
+# rows, outputs already mapped: from a 1.4M-slot array (5.7 MB) 20.5 ms against 34-46 ms for the
+# per-bag walk; from a 4,096-slot one, in cache, 19.5 against 13.5 ms (the blocks' bookkeeping),
+# hence the size threshold.
+ROWS_PREFETCH_BYTES = 1 << 22
+ROW_BLOCK = 64
+
+
+@_parallel
+def _rows_forward(w, indices, dim, z, nslots, magic, ka, ks, signed, out):
+    """``out[r] = v(indices[r])``, ``ROW_BLOCK`` rows at a time."""
+    ka = np.uint64(ka)
+    ks = np.uint64(ks)
+    n = indices.shape[0]
+    for blk in prange((n + ROW_BLOCK - 1) // ROW_BLOCK):
+        lo = blk * ROW_BLOCK
+        hi = min(lo + ROW_BLOCK, n)
+        idx = np.empty((ROW_BLOCK, dim), dtype=np.int64)
+        sgn = np.ones((ROW_BLOCK, dim), dtype=np.int8)
+        for r in range(lo, hi):
+            _index_row(indices[r], dim, z, nslots, magic, ka, ks, signed, idx[r - lo],
+                       sgn[r - lo])
+            for k in range(dim):
+                _prefetch(w, idx[r - lo, k])
+        for r in range(lo, hi):
+            for k in range(dim):
+                # A product, not a branch: signs are random, a branch mispredicts half of them.
+                out[r, k] = sgn[r - lo, k] * w[idx[r - lo, k]]
+
+
+def _prefetched_rows(w, offsets, per_sample_weights, padding_idx):
+    """Whether a lookup takes ``_rows_forward``: one row per bag from an array past the caches."""
+    return (offsets is None and per_sample_weights is None and padding_idx < 0
+            and w.nbytes > ROWS_PREFETCH_BYTES)
+
+
 def _as_offsets(offsets, n):
     """Offsets as int64 numpy, ``None`` meaning one bag per index."""
     if offsets is None:
@@ -389,6 +427,13 @@ def bag_forward(weight, indices, offsets, per_sample_weights, dim, chunk_size, s
     w = weight.detach().numpy()
     ind = indices.detach().numpy()
     off = _as_offsets(offsets, ind.shape[0])
+    if _prefetched_rows(w, offsets, per_sample_weights, padding_idx):
+        _signs(w.dtype)
+        # Every element is written: no zero fill (a fresh zeroed array faults twice a page).
+        out = np.empty((ind.shape[0], dim), dtype=w.dtype)
+        _rows_forward(_serial(ind.shape[0] * dim), w, ind, dim, chunk_size,
+                      *_slots(w.shape[0], chunk_size), ka, ks, bool(signed), out)
+        return torch.from_numpy(out)
     out = np.zeros((off.shape[0] - 1, dim), dtype=w.dtype)
     _bag_forward(_serial(int(off[-1]) * dim), w, ind, off, _psw(per_sample_weights), dim,
                  chunk_size, *_slots(w.shape[0], chunk_size), ka, ks, _signs(w.dtype), bool(signed),
