@@ -428,7 +428,7 @@ def bag_forward(weight, indices, offsets, per_sample_weights, dim, chunk_size, s
     ind = indices.detach().numpy()
     off = _as_offsets(offsets, ind.shape[0])
     if _prefetched_rows(w, offsets, per_sample_weights, padding_idx):
-        _signs(w.dtype)
+        _signs(w.dtype)  # turns other dtypes away, as the per-bag walk does
         # Every element is written: no zero fill (a fresh zeroed array faults twice a page).
         out = np.empty((ind.shape[0], dim), dtype=w.dtype)
         _rows_forward(_serial(ind.shape[0] * dim), w, ind, dim, chunk_size,
