@@ -45,6 +45,7 @@ from torch import Tensor, nn
 
 from fastfair.fl.data import InteractionData, load_dataset
 from fastfair.fl.model import ClientModel, Head
+from fastfair.fl.parallel import POOLS
 from fastfair.fl.fused import state_bytes as fused_state_bytes
 from fastfair.fl.runner import (INIT_STD, Config, FederatedRunner, client_optimizers,
                                 fused_reason)
@@ -374,12 +375,14 @@ def measure_client_memory(data: InteractionData, threads: int) -> dict:
 # The round benchmark
 
 
-def time_rounds(data: InteractionData, rounds: int, workers: int = 1) -> dict:
+def time_rounds(data: InteractionData, rounds: int, workers: int = 1,
+                pool: str = "auto") -> dict:
     """Alternating rounds of fastfair and each reference variant on the same clients; with
-    ``workers`` > 1 also fastfair training the round's clients in that many processes (the
-    same round: its tables are checked equal to the sequential runner's)."""
+    ``workers`` > 1 also fastfair training the round's clients that many at a time in
+    ``pool`` (the same round: its tables are checked equal to the sequential runner's)."""
     runner = FederatedRunner(data, Config(**ROUND))
-    pooled = FederatedRunner(data, Config(**ROUND), workers=workers) if workers > 1 else None
+    pooled = (FederatedRunner(data, Config(**ROUND), workers=workers, pool=pool)
+              if workers > 1 else None)
     references = {k: ReferenceFair(data, runner.cfg, memory_sizes_of(runner), fused)
                   for k, (fused, _) in REFERENCES.items()}
     seconds = {k: [] for k in IMPLEMENTATIONS}
@@ -411,10 +414,12 @@ def time_rounds(data: InteractionData, rounds: int, workers: int = 1) -> dict:
             for key, t in took.items():
                 seconds[key].append(t)
             sampled.append(clients)
+    kind = None
     if pooled is not None:
+        kind = pooled.pool_kind()
         pooled.close()
     sizes = references["reference"].memory_sizes
-    return {"seconds": seconds, "clients": sampled,
+    return {"seconds": seconds, "clients": sampled, "pool_kind": kind,
             "hashed_clients_per_round": [sum(sizes[c] is not None for c in cs) for cs in sampled],
             "interactions_per_round": [int(sum(data.user_items(c).numel() for c in cs))
                                        for cs in sampled],
@@ -442,9 +447,9 @@ def table(doc: dict) -> str:
         rows.append(f"| {LABELS[k]} | {med[k]:.2f} | {faster} | {m[k]['peak_rise_mb']:.1f} | "
                     f"{below} | {m[k]['held_bytes']['total'] / 2**20:.1f} |")
     if WORKERS_KEY in med:
-        workers = doc["workers"]
+        workers, kind = doc["workers"], doc.get("pool_kind", "processes")
         for k in REFERENCES:
-            rows.append(f"| fastfair, clients in {workers} processes, vs {k} | "
+            rows.append(f"| fastfair, clients in {workers} {kind}, vs {k} | "
                         f"{med[WORKERS_KEY]:.2f} | {ratios['speedup_workers'][k]:.2f}x | | | |")
     rows.append("")
     for k in REFERENCES:
@@ -463,8 +468,11 @@ def main() -> None:
     ap.add_argument("--out", type=pathlib.Path, default=HERE / "results" / "fair_round.json",
                     help="results JSON (default benchmarks/results/fair_round.json)")
     ap.add_argument("--workers", type=int, default=1,
-                    help="also time fastfair training each round's clients in this many "
-                         "processes (default 1: not timed)")
+                    help="also time fastfair training each round's clients this many at a "
+                         "time (default 1: not timed)")
+    ap.add_argument("--pool", choices=POOLS, default="auto",
+                    help="threads or processes for --workers (default: %(default)s, which is "
+                         "threads here: the fused kernel releases the GIL)")
     ap.add_argument("--memory-child", nargs=2, metavar=("IMPL", "PAYLOAD"),
                     help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -479,7 +487,7 @@ def main() -> None:
         raise SystemExit(f"fair_round.py needs Goodreads-100: {err}") from None
     _set_threads(args.threads)
     memory = measure_client_memory(data, args.threads)
-    timing = time_rounds(data, args.rounds, args.workers)
+    timing = time_rounds(data, args.rounds, args.workers, args.pool)
     med = {k: statistics.median(v) for k, v in timing["seconds"].items()}
     peak = {k: memory[k]["peak_rise_mb"] for k in IMPLEMENTATIONS}
     held = {k: memory[k]["held_bytes"]["total"] for k in IMPLEMENTATIONS}
@@ -503,6 +511,7 @@ def main() -> None:
                     "train_interactions": data.num_train},
         "config": ROUND,
         "workers": args.workers,
+        "pool_kind": timing.pop("pool_kind"),
         "implementations": LABELS,
         "notes": [
             "All implementations train the same sampled clients (read off fastfair's round) "

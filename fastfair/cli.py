@@ -40,6 +40,7 @@ from . import __version__
 from .fl.data import DATASETS, load_dataset, synthetic
 from .fl.model import ARCHS, HEAD_INITS
 from .fl.compress import COMPRESSORS
+from .fl.parallel import POOLS
 from .fl.profiles import PROFILES
 from .fl.runner import (AGGREGATIONS, ASSIGNMENTS, COMPRESSIBLE, DATA_STEP, FULL_TABLES,
                         HASHED_FULL_METHODS, LEGACY_SETTINGS, LOCAL_KERNELS, LOSSES, METHODS,
@@ -62,7 +63,7 @@ TIMING_FIELDS = ("seconds", "eval_seconds")
 # Settings a --resume may change: they decide how far and how visibly a run goes, not what it
 # computes.
 RESUMABLE_SETTINGS = ("rounds", "checkpoint_every", "quiet", "resume", "overwrite", "out",
-                      "data_dir", "workers")
+                      "data_dir", "workers", "pool")
 
 _CHOICES = {"method": METHODS, "arch": ARCHS, "head_init": HEAD_INITS, "full_table": FULL_TABLES,
             "assignment": ASSIGNMENTS,
@@ -221,8 +222,13 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     out.add_argument("--quiet", action="store_true",
                      help="no progress output; the summary table is still printed")
     out.add_argument("--workers", type=_positive, default=1, metavar="N",
-                     help="train each round's clients in N processes (same results as 1; "
+                     help="train each round's clients N at a time (same results as 1; "
                           "default: %(default)s)")
+    out.add_argument("--pool", choices=POOLS, default="auto",
+                     help="with --workers N: train clients in threads (the fused kernel "
+                          "releases the GIL; tables stay in this process) or in processes "
+                          "(the autograd loop needs them); auto: threads when the "
+                          "full-capacity clients train fused (default: %(default)s)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -403,9 +409,9 @@ def _settings(args, methods, mixes) -> dict:
     return json.loads(json.dumps(settings))
 
 
-def _load_checkpoint(path: Path, data, workers: int = 1) -> FederatedRunner:
+def _load_checkpoint(path: Path, data, workers: int = 1, pool: str = "auto") -> FederatedRunner:
     try:
-        return FederatedRunner.load(path, data, workers)
+        return FederatedRunner.load(path, data, workers, pool)
     except (RuntimeError, pickle.UnpicklingError, EOFError) as err:
         raise ValueError(f"cannot read checkpoint {path}: {err}") from None
 
@@ -591,11 +597,11 @@ def _train_flower(run: _Run, data, out: Path, args) -> None:
 def _train(run: _Run, data, out: Path, args, show_bar: bool) -> None:
     path = out / CHECKPOINT_DIR / f"{run.name}.pt"
     if run.start:
-        runner = _load_checkpoint(path, data, args.workers)
+        runner = _load_checkpoint(path, data, args.workers, args.pool)
         # The checkpoint stores the rounds it was started with; it continues to the new target.
         runner.cfg.rounds = run.config.rounds
     else:
-        runner = FederatedRunner(data, run.config, workers=args.workers)
+        runner = FederatedRunner(data, run.config, workers=args.workers, pool=args.pool)
     with runner:
         _train_rounds(runner, run, out, args, show_bar)
 
@@ -780,8 +786,8 @@ def _setup(argv: list):
         if args.resume:
             raise ValueError("--engine flower cannot --resume: the server never holds the "
                              "clients' private vectors, so it has no complete checkpoint")
-        if args.workers != 1:
-            raise ValueError(f"--workers {args.workers} applies to the in-process engine; "
+        if args.workers != 1 or args.pool != "auto":
+            raise ValueError("--workers and --pool apply to the in-process engine; "
                              "Flower runs its clients on its own nodes")
         if args.user_step == DATA_STEP:
             raise ValueError(f"--user-step {DATA_STEP} needs the weights of every client of "

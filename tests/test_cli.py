@@ -226,6 +226,11 @@ def _error(capsys, argv):
      "argument --negative-sampling: invalid choice: 'popular'"),
     (["train", *TINY, "--engine", "flower", "--user-step", "data"],
      "--user-step data needs the weights of every client"),
+    (["train", *TINY, "--pool", "fibers"], "argument --pool: invalid choice: 'fibers'"),
+    (["train", *TINY, "--engine", "flower", "--workers", "2"],
+     "--workers and --pool apply to the in-process engine"),
+    (["train", *TINY, "--engine", "flower", "--pool", "threads"],
+     "--workers and --pool apply to the in-process engine"),
 ])
 def test_bad_arguments_give_one_error_line(capsys, argv, match, tmp_path):
     assert match in _error(capsys, [*argv, "--out", tmp_path / "out"] if argv else argv)
@@ -369,3 +374,20 @@ def test_negative_sampling_and_data_user_step_reach_the_config(tmp_path):
     assert cli.main([str(a) for a in argv[:-2]] + ["--rounds", "3", "--resume", "--out",
                                                    str(out)]) == 0
     assert [r["round"] for r in _records(out, "rounds.jsonl")] == [1, 2, 3]
+
+
+def test_clients_in_threads_give_the_sequential_run(tmp_path):
+    torch_threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the pool's clients train with one thread: same summation order
+    try:
+        common = ["train", *TINY, "--rounds", "2", "--local-kernel", "fused",
+                  "--negative-sampling", "unseen"]
+        assert cli.main([*common, "--out", str(tmp_path / "one")]) == 0
+        assert cli.main([*common, "--workers", "2", "--pool", "threads", "--out",
+                         str(tmp_path / "two")]) == 0
+    finally:
+        torch.set_num_threads(torch_threads)
+    assert _without_timing(_records(tmp_path / "one")) == \
+        _without_timing(_records(tmp_path / "two"))
+    settings = json.loads((tmp_path / "two" / "config.json").read_text())["settings"]
+    assert settings["workers"] == 2 and settings["pool"] == "threads"

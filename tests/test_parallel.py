@@ -1,4 +1,5 @@
-"""Clients trained in worker processes (fastfair.fl.parallel) give the sequential round."""
+"""Clients trained in a pool (fastfair.fl.parallel: threads or processes) give the sequential
+round."""
 
 import pytest
 import torch
@@ -30,16 +31,20 @@ def _cfg(**kw):
     return Config(**base)
 
 
+@pytest.mark.parametrize("pool", ["threads", "processes"])
 @pytest.mark.parametrize("kw", [
     dict(optimizer_state="persistent", dropout=0.3, aggregation="delta"),
     dict(method="fedavg-full", compressor="actions", ratio=0.25, negatives=3),
     dict(method="fedhm", tiers="2:0-1", arch="mf", loss="bce"),
     dict(negative_sampling="unseen", negatives=4, user_step="data", dropout=0.3),
-], ids=["fair-persistent-dropout", "fedavg-actions", "fedhm-mf-bce", "fair-unseen-data-step"])
-def test_workers_give_the_sequential_round_bit_for_bit(data, one_thread, kw):
+    dict(local_kernel="fused", negative_sampling="unseen", loss="bce", negatives=2),
+], ids=["fair-persistent-dropout", "fedavg-actions", "fedhm-mf-bce", "fair-unseen-data-step",
+        "fair-fused"])
+def test_workers_give_the_sequential_round_bit_for_bit(data, one_thread, kw, pool):
     cfg = _cfg(**kw)
     sequential = FederatedRunner(data, cfg)
-    with FederatedRunner(data, cfg, workers=2) as parallel:
+    with FederatedRunner(data, cfg, workers=2, pool=pool) as parallel:
+        assert parallel.pool_kind() == pool
         for _ in range(cfg.rounds):
             a, b = sequential.run_round(), parallel.run_round()
             a.pop("seconds"), b.pop("seconds")
@@ -54,9 +59,27 @@ def test_a_replay_that_differs_from_the_training_is_caught(data, one_thread, mon
         torch.randint(0, num_items, (positives.numel(), cfg.negatives), generator=gen)
 
     monkeypatch.setattr(runner_module, "replay_local_train", replay_one_epoch_short)
-    with FederatedRunner(data, _cfg(), workers=2) as runner:
-        with pytest.raises(RuntimeError, match="drew other numbers than replay_local_train"):
-            runner.run_round()
+    # Threads see the patched module; spawned processes import their own, unpatched.
+    for pool in ("threads", "processes"):
+        with FederatedRunner(data, _cfg(), workers=2, pool=pool) as runner:
+            with pytest.raises(RuntimeError, match="drew other numbers than replay_local_train"):
+                runner.run_round()
+
+
+def test_auto_pool_takes_threads_exactly_when_full_clients_train_fused(data):
+    def kind(**kw):
+        return FederatedRunner(data, _cfg(**kw), workers=2).pool_kind()
+
+    # 300 items x 8 is below DeferredAdam's size, where "auto" runs the autograd loop.
+    assert kind() == "processes"
+    assert kind(local_kernel="fused") == "threads"
+    assert kind(local_kernel="fused", optimizer="sgd") == "processes"
+    assert kind(local_kernel="fused", optimizer_state="persistent") == "processes"
+    assert kind(local_kernel="autograd") == "processes"
+    big = synthetic(num_users=12, num_items=runner_module.DEFERRED_MIN_ENTRIES // 8, dim=8,
+                    max_interactions=10, seed=3)
+    assert FederatedRunner(big, _cfg(), workers=2).pool_kind() == "threads"
+    assert FederatedRunner(data, _cfg(), workers=2, pool="threads").pool_kind() == "threads"
 
 
 def test_closed_pool_restarts_and_bad_worker_counts_are_refused(data, one_thread):
@@ -69,3 +92,11 @@ def test_closed_pool_restarts_and_bad_worker_counts_are_refused(data, one_thread
     for bad in (0, 1.5, True):
         with pytest.raises(ValueError, match="workers must be a positive int"):
             FederatedRunner(data, _cfg(), workers=bad)
+    with pytest.raises(ValueError, match="pool must be one of .* got 'fibers'"):
+        FederatedRunner(data, _cfg(), workers=2, pool="fibers")
+    threaded = FederatedRunner(data, _cfg(rounds=2, local_kernel="fused"), workers=2)
+    threaded.run_round()
+    threaded.close()
+    assert threaded._pool is None
+    threaded.run_round()
+    threaded.close()

@@ -1,4 +1,4 @@
-"""A round's clients trained in worker processes, with the sequential round's results.
+"""A round's clients trained concurrently, with the sequential round's results.
 
 ``RoundRunner.run_round`` trains its clients one after another from the runner's one generator.
 The draws a client's local round makes are known in advance (one ``randperm`` and one
@@ -6,28 +6,39 @@ The draws a client's local round makes are known in advance (one ``randperm`` an
 that hit one of the client's positives: ``runner.replay_local_train``), so the generator state
 every client starts from, and the one it leaves, can be computed before any client trains.
 ``FederatedRunner`` with ``workers > 1`` does that, hands each client's download and start
-state to this pool, and then runs the round as usual, taking each client's trained parameters,
+state to a pool, and then runs the round as usual, taking each client's trained parameters,
 loss and optimizer state from the pool, after checking that the round reached the same state.
 
-Each worker trains with one torch thread and one Numba thread, so ``workers`` processes use
-``workers`` cores. With one thread in the parent too, the round is bit-identical to the
-sequential one (``tests/test_parallel.py``). With more threads in the parent, the two agree up
-to float summation order.
+Two pools, one interface (``train(jobs)``):
 
-Threads cannot do this: the per-step Python work and the Numba kernels hold the GIL (2 clients
-in threads ran at 0.94x, ``docs/results.md``). Workers are spawned, not forked, because a fork
-after OpenMP or Numba's threading layer has started can deadlock. Tensors travel through
-shared memory (``torch.multiprocessing``).
+- ``ThreadClientPool``: threads of this process. The fused local kernel
+  (``fastfair.fl.fused``) runs an epoch in one Numba call compiled ``nogil``, so clients in
+  threads train at once on separate cores, and their tables never leave this process.
+- ``ClientPool``: spawned worker processes. The autograd loop holds the GIL for its per-step
+  Python work (2 such clients in threads ran at 0.94x, ``docs/results.md``), so it needs
+  processes; each client's tables travel to and from a worker through shared memory
+  (``torch.multiprocessing``), which costs more than it saves for a fused client of a
+  Goodreads-size table. Workers are spawned, not forked, because a fork after OpenMP or Numba's
+  threading layer has started can deadlock.
+
+``pool_kind`` picks between them (``POOLS``). Every client trains with one torch thread and one
+Numba thread, so ``workers`` clients use ``workers`` cores. With one thread in the runner's
+process too, the round is bit-identical to the sequential one (``tests/test_parallel.py``);
+with more threads there, the two agree up to float summation order.
 """
 from __future__ import annotations
 
 import dataclasses
+from concurrent.futures import ThreadPoolExecutor
 from typing import Optional
 
 import torch
 import torch.multiprocessing as mp
 
 _STATE: dict = {}
+
+# "auto": threads when the full-capacity clients train in the fused kernel, else processes.
+POOLS = ("auto", "threads", "processes")
 
 
 @dataclasses.dataclass
@@ -65,10 +76,9 @@ def _init_worker(data, cfg) -> None:
     _STATE["data"], _STATE["cfg"] = data, cfg
 
 
-def _train(job: Job) -> Trained:
+def _train_job(data, cfg, job: Job) -> Trained:
     from .runner import train_client
 
-    data, cfg = _STATE["data"], _STATE["cfg"]
     gen = torch.Generator()
     gen.set_state(job.start)
     loss, state = train_client(cfg, data.user_items(job.client), data.num_items, job.model, gen,
@@ -80,12 +90,20 @@ def _train(job: Job) -> Trained:
     return Trained(job.client, params, loss, job.start, job.end, state)
 
 
+def _train(job: Job) -> Trained:
+    return _train_job(_STATE["data"], _STATE["cfg"], job)
+
+
+def _check_workers(workers) -> None:
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 2:
+        raise ValueError(f"a client pool needs workers >= 2, got {workers!r}")
+
+
 class ClientPool:
     """``workers`` spawned processes holding the data and config, training ``Job``s."""
 
     def __init__(self, data, cfg, workers: int):
-        if isinstance(workers, bool) or not isinstance(workers, int) or workers < 2:
-            raise ValueError(f"a client pool needs workers >= 2, got {workers!r}")
+        _check_workers(workers)
         self.workers = workers
         self._pool = mp.get_context("spawn").Pool(workers, initializer=_init_worker,
                                                   initargs=(data, cfg))
@@ -97,3 +115,21 @@ class ClientPool:
     def close(self) -> None:
         self._pool.close()
         self._pool.join()
+
+
+class ThreadClientPool:
+    """``workers`` threads of this process training ``Job``s (concurrently where the kernel
+    releases the GIL: the fused one)."""
+
+    def __init__(self, data, cfg, workers: int):
+        _check_workers(workers)
+        self.workers = workers
+        self.data, self.cfg = data, cfg
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="fastfair-client")
+
+    def train(self, jobs: list) -> list:
+        """The ``Trained`` result of every job, in order."""
+        return list(self._pool.map(lambda job: _train_job(self.data, self.cfg, job), jobs))
+
+    def close(self) -> None:
+        self._pool.shutdown()

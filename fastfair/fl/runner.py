@@ -341,11 +341,15 @@ class ClientView:
 class FederatedRunner(RoundRunner):
     """Runs ``Config`` on ``InteractionData``; ``run_round()`` then ``evaluate()``."""
 
-    def __init__(self, data: InteractionData, config: Config, workers: int = 1):
+    def __init__(self, data: InteractionData, config: Config, workers: int = 1,
+                 pool: str = "auto"):
         config.check(data)
         if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
             raise ValueError(f"workers must be a positive int, got {workers!r}")
+        if pool not in parallel.POOLS:
+            raise ValueError(f"pool must be one of {parallel.POOLS}, got {pool!r}")
         self.workers = workers
+        self.pool = pool
         self._pool = None
         self._trained: Optional[dict] = None
         self.data, self.cfg = data, config
@@ -565,8 +569,9 @@ class FederatedRunner(RoundRunner):
 
     # ------------------------------------------------------------------ clients in workers
     def run_round(self) -> dict:
-        """``RoundRunner.run_round``; with ``workers`` > 1 the round's clients train in worker
-        processes first, each from the generator state the sequential loop would give it."""
+        """``RoundRunner.run_round``; with ``workers`` > 1 the round's clients train in the pool
+        first (threads or processes, ``pool_kind``), each from the generator state the
+        sequential loop would give it."""
         if self.workers == 1:
             return super().run_round()
         self._trained = self._train_in_workers()
@@ -596,11 +601,26 @@ class FederatedRunner(RoundRunner):
         self.gen.set_state(saved)
         return plan
 
+    def pool_kind(self) -> str:
+        """``"threads"`` or ``"processes"``: ``pool``, with ``"auto"`` resolved to threads when
+        the full-capacity clients train in the fused kernel (it releases the GIL, and their
+        tables then stay in this process) and to processes when they run the autograd loop."""
+        if self.pool != "auto":
+            return self.pool
+        cfg = self.cfg
+        fused_full = (cfg.optimizer == "adam" and cfg.optimizer_state == "fresh"
+                      and cfg.local_kernel != "autograd"
+                      and (cfg.local_kernel == "fused"
+                           or _deferred(self.data.num_items * cfg.dim)))
+        return "threads" if fused_full else "processes"
+
     def _train_in_workers(self) -> dict:
         """``{client: parallel.Trained}`` for the clients of ``plan_clients``, trained by the
         pool."""
         if self._pool is None:
-            self._pool = parallel.ClientPool(self.data, self.cfg, self.workers)
+            kind = (parallel.ThreadClientPool if self.pool_kind() == "threads"
+                    else parallel.ClientPool)
+            self._pool = kind(self.data, self.cfg, self.workers)
         persistent = self.cfg.optimizer_state == "persistent"
         jobs = [parallel.Job(client, model, start, end,
                              self.optimizer_states.get(client) if persistent else None)
@@ -1026,7 +1046,8 @@ class FederatedRunner(RoundRunner):
         self._projections.clear()
 
     @classmethod
-    def load(cls, path, data: InteractionData, workers: int = 1) -> "FederatedRunner":
+    def load(cls, path, data: InteractionData, workers: int = 1,
+             pool: str = "auto") -> "FederatedRunner":
         """A runner that continues the checkpointed run on ``data`` exactly where it stopped."""
         if not os.path.isfile(path):
             raise FileNotFoundError(f"no checkpoint at {path}")
@@ -1035,7 +1056,7 @@ class FederatedRunner(RoundRunner):
             raise ValueError(f"{path} is not a fastfair runner checkpoint")
         config = _with_defaults(state["config"])
         config["ks"] = tuple(config["ks"])
-        runner = cls(data, Config(**config), workers=workers)
+        runner = cls(data, Config(**config), workers=workers, pool=pool)
         runner.load_state_dict(state)
         return runner
 
@@ -1287,12 +1308,14 @@ def popularity_metrics(data: InteractionData, ks=(10,)) -> dict:
         data.test_indptr, data.test_items, data.num_items, ks=ks)
 
 
-def train(data: InteractionData, config: Config, on_eval=None, workers: int = 1) -> list:
+def train(data: InteractionData, config: Config, on_eval=None, workers: int = 1,
+          pool: str = "auto") -> list:
     """Run every round, evaluating every ``eval_every`` rounds and after the last; returns the
     list of evaluation records (round stats + metrics) and passes each to ``on_eval``.
-    ``workers`` > 1 trains each round's clients in that many processes (same results)."""
+    ``workers`` > 1 trains each round's clients that many at a time, in threads or processes
+    (``pool``, see ``FederatedRunner.pool_kind``), with the same results."""
     records = []
-    with FederatedRunner(data, config, workers=workers) as runner:
+    with FederatedRunner(data, config, workers=workers, pool=pool) as runner:
         for r in range(1, config.rounds + 1):
             stats = runner.run_round()
             if r % config.eval_every == 0 or r == config.rounds:

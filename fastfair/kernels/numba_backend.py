@@ -2139,7 +2139,7 @@ def _ncf_table_step(w, st, idx, sgn, gq, rows, dim, upto, step_size, inv_bc2, b1
         st[a, 2] = upto + 1
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _ncf_epoch(items, batch, neumf, bpr, reg, dim, w0, st0, h0, w1, st1, h1, x, xm, xv, step,
                step_size, inv_bc2, b1, b2, eps, tol):
     """One epoch of local training over ``items`` ``[P, 1 + negatives]`` (positive first), in
@@ -2341,7 +2341,7 @@ def _ncf_epoch(items, batch, neumf, bpr, reg, dim, w0, st0, h0, w1, st1, h1, x, 
     return total, step
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _ncf_flush(w, st, upto, step_size, inv_bc2, b1, b2, eps, tol):
     """Every deferred step of a table up to ``upto`` (``DeferredAdam.flush``)."""
     tails, powers = _replay_tables(step_size, inv_bc2, b1, b2, upto, REPLAY_TERMS)
