@@ -59,7 +59,6 @@ def test_a_replay_that_differs_from_the_training_is_caught(data, one_thread, mon
         torch.randint(0, num_items, (positives.numel(), cfg.negatives), generator=gen)
 
     monkeypatch.setattr(runner_module, "replay_local_train", replay_one_epoch_short)
-    # Threads see the patched module; spawned processes import their own, unpatched.
     for pool in ("threads", "processes"):
         with FederatedRunner(data, _cfg(), workers=2, pool=pool) as runner:
             with pytest.raises(RuntimeError, match="drew other numbers than replay_local_train"):
