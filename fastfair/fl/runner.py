@@ -607,11 +607,8 @@ class FederatedRunner(RoundRunner):
         tables then stay in this process) and to processes when they run the autograd loop."""
         if self.pool != "auto":
             return self.pool
-        cfg = self.cfg
-        fused_full = (cfg.optimizer == "adam" and cfg.optimizer_state == "fresh"
-                      and cfg.local_kernel != "autograd"
-                      and (cfg.local_kernel == "fused"
-                           or _deferred(self.data.num_items * cfg.dim)))
+        full = self.data.num_items * self.cfg.dim
+        fused_full = _settings_reason(self.cfg, self.cfg.local_kernel, [full]) is None
         return "threads" if fused_full else "processes"
 
     def _train_in_workers(self) -> dict:
@@ -1120,19 +1117,26 @@ def _epoch_draws(cfg: Config, pos: Tensor, num_items: int, gen: torch.Generator)
         yield order, draw_negatives(gen, pos.numel(), cfg.negatives, num_items, seen)
 
 
-def fused_reason(cfg: Config, model: ClientModel, kernel: str, optimizer_state,
-                  optimizers) -> Optional[str]:
-    """Why this local round runs the autograd loop rather than ``fused.train`` (None: fused)."""
+def _settings_reason(cfg: Config, kernel: str, table_entries) -> Optional[str]:
+    """Why the settings alone keep item tables of ``table_entries`` parameters each out of
+    ``fused.train`` (None: they do not)."""
     if kernel == "autograd":
         return "the autograd loop was asked for"
     if cfg.optimizer != "adam" or cfg.optimizer_state != "fresh":
         return "the fused kernel trains with a fresh Adam only"
+    if kernel == "auto" and any(not _deferred(n) for n in table_entries):
+        return "item tables this small train in less memory in the autograd loop"
+    return None
+
+
+def fused_reason(cfg: Config, model: ClientModel, kernel: str, optimizer_state,
+                  optimizers) -> Optional[str]:
+    """Why this local round runs the autograd loop rather than ``fused.train`` (None: fused)."""
     if optimizer_state is not None or optimizers is not None:
         return "optimizers or their state were given"
-    if kernel == "auto" and any(not _deferred(p.numel()) for name, p in model.named_parameters()
-                                if name.startswith("item_")):
-        return "item tables this small train in less memory in the autograd loop"
-    return fused.unsupported(model)
+    reason = _settings_reason(cfg, kernel, [p.numel() for name, p in model.named_parameters()
+                                            if name.startswith("item_")])
+    return reason if reason is not None else fused.unsupported(model)
 
 
 def train_client(cfg: Config, pos: Tensor, num_items: int, model: ClientModel,
