@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 from concurrent.futures import ThreadPoolExecutor
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.multiprocessing as mp
@@ -43,20 +43,22 @@ POOLS = ("auto", "threads", "processes")
 
 @dataclasses.dataclass
 class Job:
-    """One client's local round: its downloaded model, the generator state it starts from and
-    the one the round expects after it, and its optimizer state when persistent."""
+    """One client's local round: its downloaded model (or, for a thread, ``download``, which
+    builds it there), the generator state it starts from and the one the round expects after
+    it, and its optimizer state when persistent."""
 
     client: int
-    model: torch.nn.Module
+    model: Optional[torch.nn.Module]
     start: torch.Tensor
     end: torch.Tensor
     optimizer_state: Optional[list]
+    download: Optional[Callable[[], torch.nn.Module]] = None
 
 
 @dataclasses.dataclass
 class Trained:
     """What a worker returns: the trained parameters, the loss, the generator states and the
-    optimizer state (persistent only)."""
+    optimizer state (persistent only); from a thread also the trained model itself."""
 
     client: int
     params: dict
@@ -64,6 +66,7 @@ class Trained:
     start: torch.Tensor
     end: torch.Tensor
     optimizer_state: Optional[list]
+    model: Optional[torch.nn.Module] = None
 
 
 def _init_worker(data, cfg) -> None:
@@ -76,18 +79,20 @@ def _init_worker(data, cfg) -> None:
     _STATE["data"], _STATE["cfg"] = data, cfg
 
 
-def _train_job(data, cfg, job: Job) -> Trained:
+def _train_job(data, cfg, job: Job, keep_model: bool = False) -> Trained:
     from .runner import train_client
 
+    model = job.model if job.model is not None else job.download()
     gen = torch.Generator()
     gen.set_state(job.start)
-    loss, state = train_client(cfg, data.user_items(job.client), data.num_items, job.model, gen,
+    loss, state = train_client(cfg, data.user_items(job.client), data.num_items, model, gen,
                                job.optimizer_state)
     if not torch.equal(gen.get_state(), job.end):
         raise RuntimeError(f"client {job.client}'s local round drew other numbers than "
                            "replay_local_train replays")
-    params = {k: v.detach() for k, v in job.model.named_parameters()}
-    return Trained(job.client, params, loss, job.start, job.end, state)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    return Trained(job.client, params, loss, job.start, job.end, state,
+                   model if keep_model else None)
 
 
 def _train(job: Job) -> Trained:
@@ -129,7 +134,8 @@ class ThreadClientPool:
 
     def train(self, jobs: list) -> list:
         """The ``Trained`` result of every job, in order."""
-        return list(self._pool.map(lambda job: _train_job(self.data, self.cfg, job), jobs))
+        return list(self._pool.map(lambda job: _train_job(self.data, self.cfg, job, True),
+                                   jobs))
 
     def close(self) -> None:
         self._pool.shutdown()

@@ -42,6 +42,7 @@ bit-identically; checkpoints hold only tensors and plain containers and load wit
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 from typing import Optional, Union
@@ -519,7 +520,12 @@ class FederatedRunner(RoundRunner):
 
     def download(self, client: int, view: ClientView) -> ClientModel:
         """The device's model: its view of each global table, the head, and the client's own
-        private user vectors."""
+        private user vectors. In a round whose clients a thread pool trained, the model that
+        thread downloaded and trained (``local_train`` then takes it as it is), unless a
+        compressor needs the download itself (``snapshot``)."""
+        done = self._trained.get(client) if self._trained is not None else None
+        if done is not None and done.model is not None and self.compressor is None:
+            return done.model
         n, d = self.data.num_items, self.cfg.dim
         adam = self.cfg.optimizer == "adam"
 
@@ -580,11 +586,12 @@ class FederatedRunner(RoundRunner):
         finally:
             self._trained = None
 
-    def plan_clients(self) -> list:
+    def plan_clients(self, download: bool = True) -> list:
         """``(client, view, downloaded model, generator state before its local round, after
         it)`` for each client the next round trains, as ``run_round`` will meet them (the draws
         of ``train_client`` are known in advance: ``replay_local_train``). The generator is
-        left where it was."""
+        left where it was. With ``download=False`` the model is None, and the downloads'
+        shared parts (projections, factors) are computed, so that threads can build them."""
         saved = self.gen.get_state()
         self.begin_round()
         clients, drops = self.draw_clients()
@@ -593,7 +600,11 @@ class FederatedRunner(RoundRunner):
             if dropped:
                 continue
             view = self.view(client)
-            model = FederatedRunner.download(self, client, view)
+            if download:
+                model = FederatedRunner.download(self, client, view)
+            else:
+                model = None
+                self._cache_views(view)
             start = self.gen.get_state()
             replay_local_train(self.gen, self.data.user_items(client), self.cfg,
                                self.data.num_items)
@@ -611,17 +622,28 @@ class FederatedRunner(RoundRunner):
         fused_full = _settings_reason(self.cfg, self.cfg.local_kernel, [full]) is None
         return "threads" if fused_full else "processes"
 
+    def _cache_views(self, view: ClientView) -> None:
+        """Compute what downloads of ``view`` share (read-only afterwards: threads may then
+        build them at once)."""
+        for name, spec in view.specs.items():
+            if isinstance(spec, HashSpec):
+                self._projection(name, spec)
+            elif isinstance(spec, LowRank):
+                self._factors(name, spec.rank)
+
     def _train_in_workers(self) -> dict:
         """``{client: parallel.Trained}`` for the clients of ``plan_clients``, trained by the
-        pool."""
+        pool. Threads build each client's download themselves."""
+        threads = self.pool_kind() == "threads"
         if self._pool is None:
-            kind = (parallel.ThreadClientPool if self.pool_kind() == "threads"
-                    else parallel.ClientPool)
+            kind = parallel.ThreadClientPool if threads else parallel.ClientPool
             self._pool = kind(self.data, self.cfg, self.workers)
         persistent = self.cfg.optimizer_state == "persistent"
         jobs = [parallel.Job(client, model, start, end,
-                             self.optimizer_states.get(client) if persistent else None)
-                for client, _, model, start, end in self.plan_clients()]
+                             self.optimizer_states.get(client) if persistent else None,
+                             functools.partial(FederatedRunner.download, self, client, view)
+                             if threads else None)
+                for client, view, model, start, end in self.plan_clients(not threads)]
         # Largest first: the pool hands jobs out in order, so the longest do not come last.
         jobs.sort(key=lambda job: -int(self.data.user_items(job.client).numel()))
         return {done.client: done for done in self._pool.train(jobs)}
@@ -633,7 +655,8 @@ class FederatedRunner(RoundRunner):
                                "round reaches: _train_in_workers no longer matches run_round")
         with torch.no_grad():
             for key, param in model.named_parameters():
-                param.copy_(done.params[key])
+                if param.data_ptr() != done.params[key].data_ptr():  # not the trained model
+                    param.copy_(done.params[key])
         gen.set_state(done.end)
         if done.optimizer_state is not None:
             self.optimizer_states[client] = done.optimizer_state
