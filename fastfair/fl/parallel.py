@@ -21,10 +21,12 @@ Two pools, one interface (``train(jobs)``):
   Goodreads-size table. Workers are spawned, not forked, because a fork after OpenMP or Numba's
   threading layer has started can deadlock.
 
-``pool_kind`` picks between them (``POOLS``). Every client trains with one torch thread and one
-Numba thread, so ``workers`` clients use ``workers`` cores. With one thread in the runner's
-process too, the round is bit-identical to the sequential one (``tests/test_parallel.py``);
-with more threads there, the two agree up to float summation order.
+``pool_kind`` picks between them (``POOLS``). A worker process trains with one torch thread and
+one Numba thread; a thread of the pool runs with the process's settings, and the fused kernel is
+serial whatever they are. So ``workers`` clients use about ``workers`` cores. With one thread
+in the runner's process, the round is bit-identical to the sequential one
+(``tests/test_parallel.py``); with more threads there, the two agree up to float summation
+order.
 """
 from __future__ import annotations
 
