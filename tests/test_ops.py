@@ -162,6 +162,71 @@ def test_expand_and_project_dense(backend, device):
                                fastfair.project_dense(dense, spec, backend="reference"), **tol)
 
 
+def _weighted_fit_brute(dense, spec, a):
+    """``w[s] = sum a_i g D[i, k] / sum a_i`` over the entries hashed to ``s``, entry by entry."""
+    idx, sign = fastfair.hash_index(torch.arange(spec.num_embeddings), spec, backend="reference")
+    num = torch.zeros(spec.memory_size, dtype=torch.float64)
+    mass = torch.zeros(spec.memory_size, dtype=torch.float64)
+    weight = a.double()[:, None].expand(dense.shape)
+    num.index_add_(0, idx.flatten(), (weight * sign.double() * dense.double()).flatten())
+    mass.index_add_(0, idx.flatten(), weight.flatten())
+    return torch.where(mass > 0, num / torch.where(mass > 0, mass, 1), 0)
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"n{c[0]}d{c[1]}z{c[2]}m{c[3]}")
+@pytest.mark.parametrize("backend,device", backend_params())
+def test_weighted_projection_matches_brute_force(backend, device, case):
+    gen = torch.Generator().manual_seed(case[0] + case[3])
+    for dtype, signed in ((torch.float64, True), (torch.float32, False)):
+        spec = _spec(case, seed=case[1], signed=signed)
+        dense = rand((case[0], case[1]), gen, dtype)
+        a = rand(case[0], gen, dtype).abs()
+        a[::3] = 0  # rows that do not count, and slots whose every row is one of them
+        got = fastfair.project_dense(dense.to(device), spec, backend=backend,
+                                     row_weights=a.to(device))
+        assert got.dtype == dtype
+        assert_close_to_fp64(got.cpu(), _weighted_fit_brute(dense, spec, a).to(dtype),
+                             _weighted_fit_brute(dense, spec, a))
+
+
+def test_weighted_projection_is_the_weighted_least_squares_fit():
+    gen = torch.Generator().manual_seed(14)
+    spec = fastfair.HashSpec(150, 6, memory_size=2 * 97, chunk_size=2, seed=4)
+    dense = rand((150, 6), gen, torch.float64)
+    a = rand(150, gen, torch.float64).abs() + 0.1
+    w = fastfair.project_dense(dense, spec, row_weights=a)
+    # The normal equations: the weighted residual is orthogonal to the subspace.
+    probe = rand(spec.memory_size, gen, torch.float64)
+    residual = a[:, None] * (fastfair.expand_dense(w, spec) - dense)
+    torch.testing.assert_close((residual * fastfair.expand_dense(probe, spec)).sum(),
+                               torch.zeros((), dtype=torch.float64), atol=1e-10, rtol=0)
+    # Equal weights give the plain fit; a heavy row is reproduced beside light ones.
+    torch.testing.assert_close(fastfair.project_dense(dense, spec, row_weights=torch.full_like(a, 3.0)),
+                               fastfair.project_dense(dense, spec))
+    heavy = a.clone()
+    heavy[7] = 1e9
+    v = fastfair.expand_dense(fastfair.project_dense(dense, spec, row_weights=heavy), spec)
+    torch.testing.assert_close(v[7], dense[7], rtol=0, atol=1e-6)
+    assert not torch.allclose(fastfair.expand_dense(fastfair.project_dense(dense, spec), spec)[7],
+                              dense[7], rtol=0, atol=1e-3)
+
+
+def test_weighted_projection_rejects_bad_weights():
+    spec = fastfair.HashSpec(20, 4, memory_size=16)
+    dense = torch.randn(20, 4)
+    with pytest.raises(ValueError, match=r"row_weights must have shape \(20,\), got \(19,\)"):
+        fastfair.project_dense(dense, spec, row_weights=torch.ones(19))
+    bad = torch.ones(20)
+    bad[5] = -2.0
+    with pytest.raises(ValueError, match="row_weights must be >= 0, got -2.0 at row 5"):
+        fastfair.project_dense(dense, spec, row_weights=bad)
+    bad[5] = float("nan")
+    with pytest.raises(ValueError, match="row_weights holds a non-finite value nan"):
+        fastfair.project_dense(dense, spec, row_weights=bad)
+    with pytest.raises(TypeError, match="row_weights must be a float32 or float64 Tensor"):
+        fastfair.project_dense(dense, spec, row_weights=torch.ones(20, dtype=torch.int64))
+
+
 # ------------------------------------------------------------------- properties of the reference
 def test_reference_matches_torch_embedding_bag_on_virtual_table():
     from testing import virtual_table
