@@ -44,7 +44,8 @@ from .fl.parallel import POOLS
 from .fl.profiles import PROFILES
 from .fl.runner import (AGGREGATIONS, ASSIGNMENTS, COMPRESSIBLE, DATA_STEP, FULL_TABLES,
                         HASHED_FULL_METHODS, LEGACY_SETTINGS, LOCAL_KERNELS, LOSSES, METHODS,
-                        NEGATIVE_SAMPLINGS, OPTIMIZER_STATES, OPTIMIZERS, WEIGHTINGS, Config,
+                        FITS, NEGATIVE_SAMPLINGS, OPTIMIZER_STATES, OPTIMIZERS, WEIGHTINGS,
+                        Config,
                         FederatedRunner, popularity_metrics)
 from .fl.tiers import fraction_label, parse_tiers
 
@@ -69,7 +70,7 @@ _CHOICES = {"method": METHODS, "arch": ARCHS, "head_init": HEAD_INITS, "full_tab
             "assignment": ASSIGNMENTS,
             "optimizer": OPTIMIZERS,
             "optimizer_state": OPTIMIZER_STATES, "loss": LOSSES, "compressor": COMPRESSORS,
-            "aggregation": AGGREGATIONS, "weighting": WEIGHTINGS,
+            "aggregation": AGGREGATIONS, "weighting": WEIGHTINGS, "fit": FITS,
             "negative_sampling": NEGATIVE_SAMPLINGS, "local_kernel": LOCAL_KERNELS}
 _SHORT = {"clients_per_round": "-K", "local_epochs": "-E"}
 _HELP = {
@@ -103,6 +104,10 @@ _HELP = {
                    "(item-mean, dense views only)",
     "weighting": "a client's weight in the average: its number of interactions (data), or "
                  "that times its capacity (capacity)",
+    "fit": "how a hashed device's array is fitted to the global table at download: least "
+           "squares (plain, FAIR) or weighted by each item row's energy (energy), so used rows "
+           "arrive close to their value",
+    "fit_floor": "energy fit: every row's weight is its energy plus this times the mean energy",
     "chunk_size": "hash chunk size Z (contiguous elements per hash)",
     "dropout": "probability that a sampled client never returns its update",
     "seed": "seed of the runner (initialisation, tiers, hashes, sampling)",
@@ -370,6 +375,9 @@ def _plan(args, data) -> list:
         smallest = min(t.fraction for t in parse_tiers(tiers))
         for method, compressor in ((m, c) for m in methods for c in compressors):
             config = Config(method=method, tiers=tiers, ks=ks, compressor=compressor, **shared)
+            if args.command == "compare" and not config.has_hashed_arrays():
+                # The fit of hashed arrays does not apply: the baseline runs as it is.
+                config = dataclasses.replace(config, fit="plain")
             if compressor != "none" and method not in COMPRESSIBLE:
                 if args.command == "train":
                     config.check(data)  # raises, naming the methods a compressor applies to

@@ -227,6 +227,11 @@ def _error(capsys, argv):
     (["train", *TINY, "--engine", "flower", "--user-step", "data"],
      "--user-step data needs the weights of every client"),
     (["train", *TINY, "--pool", "fibers"], "argument --pool: invalid choice: 'fibers'"),
+    (["train", *TINY, "--fit", "sharp"], "argument --fit: invalid choice: 'sharp'"),
+    (["train", *TINY, "--method", "fedhm", "--fit", "energy"],
+     "fit 'energy' applies to hashed arrays"),
+    (["train", *TINY, "--fit", "energy", "--fit-floor", "0"],
+     "fit_floor must be a positive number, got 0.0"),
     (["train", *TINY, "--engine", "flower", "--workers", "2"],
      "--workers and --pool apply to the in-process engine"),
     (["train", *TINY, "--engine", "flower", "--pool", "threads"],
@@ -287,6 +292,16 @@ def test_compare_with_hashed_full_tables_reports_methods_without_them_as_na(tmp_
     runs = json.loads((out / "config.json").read_text())["runs"]
     assert {r["method"]: r["trainable"] for r in runs} == {"fair": True, "fedhm": False,
                                                           "fedavg-full": True}
+
+
+def test_compare_fits_only_the_hashed_arrays_with_energy(tmp_path):
+    out = tmp_path / "f"
+    assert cli.main([str(a) for a in ["compare", *TINY, "--rounds", "1", "--tiers", "2:0-2",
+                                      "--methods", "fair,fedhm", "--fit", "energy",
+                                      "--checkpoint-every", "1", "--out", out]]) == 0
+    fits = {path.stem: torch.load(path, weights_only=True)["config"]["fit"]
+            for path in (out / "checkpoints").glob("*.pt")}
+    assert fits == {"fair__2_0-2": "energy", "fedhm__2_0-2": "plain"}
 
 
 def test_compare_with_compressors_reports_upload_ratio_and_plots_it(tmp_path, capsys):

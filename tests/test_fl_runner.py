@@ -80,13 +80,15 @@ def test_aggregation_equals_the_naive_weighted_sum_of_uploads(data, method, tier
         torch.testing.assert_close(runner.tables[name], expect[name], rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("method,tiers,full", [
-    ("fair", "2:0-1-2-3", "dense"), ("fair-inconsistent", "2:0-1-2", "dense"),
-    ("fedhm", "2:0-1-2", "dense"), ("heterofl", "2:0-1-2", "dense"),
-    ("fair", "2:0-1-2", "hashed")])
-def test_delta_aggregation_adds_the_naive_weighted_sum_of_changes(data, method, tiers, full):
+@pytest.mark.parametrize("method,tiers,full,fit", [
+    ("fair", "2:0-1-2-3", "dense", "plain"), ("fair-inconsistent", "2:0-1-2", "dense", "plain"),
+    ("fedhm", "2:0-1-2", "dense", "plain"), ("heterofl", "2:0-1-2", "dense", "plain"),
+    ("fair", "2:0-1-2", "hashed", "plain"), ("fair", "2:0-1-2-3", "dense", "energy"),
+    ("fair-inconsistent", "2:0-1-2", "hashed", "energy")])
+def test_delta_aggregation_adds_the_naive_weighted_sum_of_changes(data, method, tiers, full,
+                                                                  fit):
     runner = FederatedRunner(data, _cfg(method=method, tiers=tiers, aggregation="delta",
-                                        full_table=full))
+                                        full_table=full, fit=fit))
     before = {name: t.clone() for name, t in runner.tables.items()}
     uploads, starts = [], []
     for client in runner.eligible[:12].tolist():
@@ -111,7 +113,8 @@ def test_delta_aggregation_adds_the_naive_weighted_sum_of_changes(data, method, 
         change[:, held] /= mass[held]
         change[:, ~held] = 0
         expect[name] = (before[name].double() + change).float()
-    model_rule = FederatedRunner(data, _cfg(method=method, tiers=tiers, full_table=full))
+    model_rule = FederatedRunner(data, _cfg(method=method, tiers=tiers, full_table=full,
+                                            fit=fit))
     model_rule.aggregate_uploads(uploads)
     runner.aggregate_uploads(uploads)
     for name in runner.tables:
@@ -220,6 +223,32 @@ def test_download_is_the_projection_and_nests(data):
     spec = view.specs["gmf"]
     proj = fastfair.expand_dense(fastfair.project_dense(runner.tables["gmf"], spec), spec)
     torch.testing.assert_close(fastfair.expand_dense(model.item_gmf.weight.detach(), spec), proj)
+
+
+def test_energy_fit_downloads_the_energy_weighted_fit(data):
+    cfg = _cfg(method="fair", tiers="2:0-1-3", aggregation="delta", fit="energy", fit_floor=0.3)
+    runner = FederatedRunner(data, cfg)
+    runner.run_round()  # tables no longer at their start
+    heavy = torch.randperm(data.num_items, generator=torch.Generator().manual_seed(0))[:20]
+    for table in runner.tables.values():
+        table[heavy] *= 10  # rows training moved far, as popular items' rows
+    runner.begin_round()
+    client = int(torch.nonzero(runner.tier_of == 2)[0])
+    view = runner.view(client)
+    model = runner.download(client, view)
+    for name, table in runner.tables.items():
+        spec = view.specs[name]
+        energy = (table.double() ** 2).sum(1)
+        weights = energy + 0.3 * energy.mean()
+        expect = fastfair.project_dense(table.double(), spec, row_weights=weights).float()
+        got = getattr(model, f"item_{name}").weight.detach()
+        torch.testing.assert_close(got, expect)
+        plain = fastfair.project_dense(table, spec)
+        assert (got - plain).abs().max() > 1e-4
+        # The heavy rows arrive close to their value; the plain fit shrinks them.
+        err = {k: (fastfair.expand_dense(w, spec)[heavy] - table[heavy]).norm()
+               / table[heavy].norm() for k, w in (("energy", got), ("plain", plain))}
+        assert err["energy"] < 0.6 * err["plain"]
 
 
 @pytest.mark.parametrize("kernel", ["autograd", "fused"])
@@ -362,6 +391,12 @@ def test_training_learns_on_the_synthetic_default(data):
     (dict(refit_epochs=-1), "refit_epochs must be a non-negative int, got -1"),
     (dict(refit_sample=True), "refit_sample must be a non-negative int, got True"),
     (dict(rounds=0), "rounds must be a positive int"),
+    (dict(fit="sharp"), "fit must be one of \\('plain', 'energy'\\), got 'sharp'"),
+    (dict(fit_floor=0), "fit_floor must be a positive number, got 0"),
+    (dict(fit_floor=float("inf")), "fit_floor must be a positive number, got inf"),
+    (dict(fit="energy", method="fedhm"), "fit 'energy' applies to hashed arrays: .*"
+                                         "method 'fedhm' has none"),
+    (dict(fit="energy", method="fedavg-full"), "fit 'energy' applies to hashed arrays"),
     (dict(tiers="2:"), "tier spec '2:'"),
 ])
 def test_bad_configs(data, kw, match):
@@ -466,7 +501,8 @@ def test_dropout_counts_and_renormalises(data):
                   aggregation="delta")),
     # redrawn negatives and the step applied after the round
     ("fair", dict(negative_sampling="unseen", user_step="data")),
-    ("fedhm", dict(negative_sampling="unseen", user_step="data", weighting="capacity"))])
+    ("fedhm", dict(negative_sampling="unseen", user_step="data", weighting="capacity")),
+    ("fair", dict(fit="energy", aggregation="delta"))])
 def test_resume_continues_bit_identically(data, method, extra, tmp_path):
     cfg = _cfg(method=method, tiers="2:0-1-2", dropout=0.3, optimizer_state="persistent",
                clients_per_round=10, **extra)

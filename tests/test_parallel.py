@@ -33,7 +33,7 @@ def _cfg(**kw):
 
 @pytest.mark.parametrize("pool", ["threads", "processes"])
 @pytest.mark.parametrize("kw", [
-    dict(optimizer_state="persistent", dropout=0.3, aggregation="delta"),
+    dict(optimizer_state="persistent", dropout=0.3, aggregation="delta", fit="energy"),
     dict(method="fedavg-full", compressor="actions", ratio=0.25, negatives=3),
     dict(method="fedhm", tiers="2:0-1", arch="mf", loss="bce"),
     dict(negative_sampling="unseen", negatives=4, user_step="data", dropout=0.3),

@@ -12,7 +12,8 @@ Views of an item table ``T`` for a device of capacity ``c`` (a fraction of ``n d
 * ``exclusion``: only devices of full capacity are sampled; they hold the dense table.
 * ``fair``: full-capacity devices hold the dense table, the others a hashed array of their tier's
   size; every hashed size divides the largest one ``M`` and all share one seed, so subspaces nest.
-  Download is the least-squares projection ``w = project_dense(T)``; the server aggregates::
+  Download is the least-squares projection ``w = project_dense(T)`` (with ``fit="energy"``, the
+  fit weighted by each row's energy, see ``Config``); the server aggregates::
 
       T <- sum_{dense c} p_c T_c  +  expand_dense( aggregate([w_c], [p_c], M) )
 
@@ -76,6 +77,10 @@ AGGREGATIONS = ("model", "delta", "item-mean")
 WEIGHTINGS = ("data", "capacity")
 NEGATIVE_SAMPLINGS = ("uniform", "unseen")
 LOCAL_KERNELS = ("auto", "fused", "autograd")
+FITS = ("plain", "energy")
+# Methods that give some device a hashed array (fedavg-full and exclusion only with
+# full_table="hashed"): the views ``fit`` applies to.
+HASHED_METHODS = ("fair", "fair-inconsistent")
 # The value of ``Config.user_step`` that makes each client's step its share of the round's data.
 DATA_STEP = "data"
 # item-mean averages each item's row over the devices that changed it: rows must be the same
@@ -163,6 +168,15 @@ class Config:
     that are not among the client's training positives (the reference code), by redrawing, from
     the same generator, the draws that hit a positive until none does.
 
+    ``fit``: how the server fits a hashed device's array to the global table ``T`` at download.
+    ``"plain"`` is the least-squares fit (FAIR): ``w[s] = sum_{idx(i,k)=s} g T[i,k] / cnt[s]``,
+    so an entry whose slot it shares with ``c - 1`` others arrives at about ``1/c`` of its value.
+    ``"energy"`` weights each row by its energy, ``a_i = ||T_i||^2 + fit_floor mean_j
+    ||T_j||^2``: ``w[s] = sum a_i g T[i,k] / sum a_i``, the fit ``argmin_w sum a_i (V[i,k] -
+    T[i,k])^2``. Rows that training has moved (used items) then arrive close to their value and
+    the rows sharing their slots carry the error instead. Uploads and aggregation are unchanged;
+    with delta aggregation the server adds each device's change to what it downloaded.
+
     Serving (``fastfair.fl.serve``): with ``refit_epochs`` > 0 every user is evaluated with
     vectors refit to the current global model (``refit_epochs`` full-batch Adam steps at
     ``refit_lr`` from zero, on at most ``refit_sample`` of its positives, 0: all) instead of its
@@ -209,6 +223,8 @@ class Config:
     refit_epochs: int = 0
     refit_lr: float = 0.01
     refit_sample: int = 256
+    fit: str = "plain"
+    fit_floor: float = 0.1
 
     def check(self, data: InteractionData) -> None:
         """A clear ValueError for the first bad setting."""
@@ -217,7 +233,7 @@ class Config:
                               ("optimizer", OPTIMIZERS),
                               ("optimizer_state", OPTIMIZER_STATES), ("loss", LOSSES),
                               ("assignment", ASSIGNMENTS), ("aggregation", AGGREGATIONS),
-                              ("weighting", WEIGHTINGS),
+                              ("weighting", WEIGHTINGS), ("fit", FITS),
                               ("negative_sampling", NEGATIVE_SAMPLINGS),
                               ("local_kernel", LOCAL_KERNELS)):
             if getattr(self, name) not in allowed:
@@ -241,6 +257,14 @@ class Config:
                 or not (isinstance(self.user_step, (int, float)) and 0 < self.user_step <= 1)):
             raise ValueError(f"user_step must be a float in (0, 1] or {DATA_STEP!r}, "
                              f"got {self.user_step!r}")
+        if isinstance(self.fit_floor, bool) or not (
+                isinstance(self.fit_floor, (int, float)) and math.isfinite(self.fit_floor)
+                and self.fit_floor > 0):
+            raise ValueError(f"fit_floor must be a positive number, got {self.fit_floor!r}")
+        if self.fit != "plain" and not self.has_hashed_arrays():
+            raise ValueError(f"fit {self.fit!r} applies to hashed arrays: methods "
+                             f"{', '.join(HASHED_METHODS)}, or {', '.join(HASHED_FULL_METHODS)} "
+                             f"with full_table 'hashed'; method {self.method!r} has none")
         if isinstance(self.reg, bool) or not (isinstance(self.reg, (int, float))
                                               and math.isfinite(self.reg) and self.reg >= 0):
             raise ValueError(f"reg must be a number >= 0, got {self.reg!r}")
@@ -269,6 +293,11 @@ class Config:
                                  f"items cover all {data.num_items} items, so it has no unseen "
                                  f"item to draw negatives from ({full.numel()} such user(s))")
 
+
+    def has_hashed_arrays(self) -> bool:
+        """Whether ``method`` and ``full_table`` give some device a hashed array."""
+        return self.method in HASHED_METHODS or (self.full_table == "hashed"
+                                                 and self.method in HASHED_FULL_METHODS)
 
     def _check_compression(self) -> None:
         if self.compressor not in COMPRESSORS:
@@ -515,7 +544,18 @@ class FederatedRunner(RoundRunner):
         tier (every one, when hashing is consistent) downloads the same array."""
         key = (name, spec)
         if key not in self._projections:
-            self._projections[key] = project_dense(self.tables[name], spec, self.counts(spec))
+            self._projections[key] = project_dense(self.tables[name], spec, self.counts(spec),
+                                                   row_weights=self._fit_weights(name))
+        return self._projections[key]
+
+    def _fit_weights(self, name: str) -> Optional[Tensor]:
+        """``Config.fit``'s row weights for table ``name`` (None: the plain fit), once per round."""
+        if self.cfg.fit == "plain":
+            return None
+        key = (name, "fit")
+        if key not in self._projections:
+            energy = self.tables[name].square().sum(1)
+            self._projections[key] = energy.add_(energy.mean() * self.cfg.fit_floor)
         return self._projections[key]
 
     def download(self, client: int, view: ClientView) -> ClientModel:
