@@ -293,7 +293,6 @@ class Config:
                                  f"items cover all {data.num_items} items, so it has no unseen "
                                  f"item to draw negatives from ({full.numel()} such user(s))")
 
-
     def has_hashed_arrays(self) -> bool:
         """Whether ``method`` and ``full_table`` give some device a hashed array."""
         return self.method in HASHED_METHODS or (self.full_table == "hashed"
