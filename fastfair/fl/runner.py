@@ -247,7 +247,7 @@ class Config:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name} must be a non-negative int, got {value!r}")
-        for name in ("lr", "refit_lr"):
+        for name in ("lr", "refit_lr", "fit_floor"):
             value = getattr(self, name)
             if isinstance(value, bool) or not (isinstance(value, (int, float)) and value > 0
                                                and math.isfinite(value)):
@@ -257,10 +257,6 @@ class Config:
                 or not (isinstance(self.user_step, (int, float)) and 0 < self.user_step <= 1)):
             raise ValueError(f"user_step must be a float in (0, 1] or {DATA_STEP!r}, "
                              f"got {self.user_step!r}")
-        if isinstance(self.fit_floor, bool) or not (
-                isinstance(self.fit_floor, (int, float)) and math.isfinite(self.fit_floor)
-                and self.fit_floor > 0):
-            raise ValueError(f"fit_floor must be a positive number, got {self.fit_floor!r}")
         if self.fit != "plain" and not self.has_hashed_arrays():
             raise ValueError(f"fit {self.fit!r} applies to hashed arrays: methods "
                              f"{', '.join(HASHED_METHODS)}, or {', '.join(HASHED_FULL_METHODS)} "
@@ -543,8 +539,11 @@ class FederatedRunner(RoundRunner):
         tier (every one, when hashing is consistent) downloads the same array."""
         key = (name, spec)
         if key not in self._projections:
-            self._projections[key] = project_dense(self.tables[name], spec, self.counts(spec),
-                                                   row_weights=self._fit_weights(name))
+            weights = self._fit_weights(name)
+            # The weighted fit divides by the slots' weights, not their counts.
+            counts = self.counts(spec) if weights is None else None
+            self._projections[key] = project_dense(self.tables[name], spec, counts,
+                                                   row_weights=weights)
         return self._projections[key]
 
     def _fit_weights(self, name: str) -> Optional[Tensor]:
