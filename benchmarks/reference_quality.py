@@ -218,9 +218,12 @@ def main() -> None:
     ap.add_argument("--data-dir", type=pathlib.Path, default=None)
     ap.add_argument("--out", type=pathlib.Path, default=None)
     args = ap.parse_args()
-    for name in ("rounds", "eval_every"):
-        if getattr(args, name) < 1:
-            raise SystemExit(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    for name, low in (("rounds", 1), ("eval_every", 1), ("seed", 0)):
+        if getattr(args, name) < low:
+            raise SystemExit(f"--{name.replace('_', '-')} must be >= {low}, "
+                             f"got {getattr(args, name)}")
+    if args.seed >= 2**32:
+        raise SystemExit(f"--seed must be below 2**32 (numpy's seeds), got {args.seed}")
     powers = parse_tiers(args.tiers)
     folder = (args.data_dir or default_data_dir()) / "goodreads_100"
     if not (folder / "train.txt").is_file() or not (folder / "test.txt").is_file():

@@ -135,6 +135,8 @@ def test_the_script_trains_and_records_its_curve(tmp_path, aggregation):
     (["--tiers", "0--1"], "--tiers"),
     (["--rounds", "0"], "--rounds must be >= 1, got 0"),
     (["--eval-every", "-2"], "--eval-every must be >= 1, got -2"),
+    (["--seed", "-1"], "--seed must be >= 0, got -1"),
+    (["--seed", str(2**32)], "--seed must be below 2**32"),
 ])
 def test_bad_arguments_exit_with_a_clear_line(tmp_path, args, message):
     res = _run(*args, "--data-dir", str(_write_fair_folder(tmp_path)))
