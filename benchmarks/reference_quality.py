@@ -79,7 +79,10 @@ DENSE_PARAMS = ("ug", "um", "w1", "b1", "w2", "b2")
 
 
 def read_users(path: pathlib.Path) -> dict:
-    """``{user: items in file order}`` of a FAIR-layout file (``user item item ...``)."""
+    """``{user: items in file order}`` of a FAIR-layout file (``user item item ...``).
+
+    Not ``fastfair.fl.data.load_fair``: that sorts and merges a user's items, and the reference
+    walks them in file order, repeats included."""
     out = {}
     with open(path) as f:
         for line in f:
@@ -186,25 +189,25 @@ def train_client(server: dict, download: dict | None, hashes: dict | None, user:
     return out
 
 
-def ndcg(server: dict, train: dict, test: dict, num_users: int, num_items: int) -> float:
-    """NDCG@20 of the server model over the users of the test file."""
-    users = torch.tensor(sorted(test), dtype=torch.long)
+def csr(lists: dict, num_users: int) -> tuple:
+    """``(indptr, items)`` of ``{user: items}``, each user's items sorted and unique."""
+    indptr = np.zeros(num_users + 1, dtype=np.int64)
+    items = []
+    for u in range(num_users):
+        row = np.unique(lists.get(u, np.zeros(0, dtype=np.int64)))
+        indptr[u + 1] = indptr[u] + row.size
+        items.append(row)
+    return torch.from_numpy(indptr), torch.from_numpy(np.concatenate(items))
 
-    def csr(lists):
-        indptr = np.zeros(num_users + 1, dtype=np.int64)
-        items = []
-        for u in range(num_users):
-            row = np.unique(lists.get(u, np.zeros(0, dtype=np.int64)))
-            indptr[u + 1] = indptr[u] + row.size
-            items.append(row)
-        return torch.from_numpy(indptr), torch.from_numpy(np.concatenate(items))
 
+def ndcg(server: dict, users: Tensor, train_csr: tuple, test_csr: tuple, num_items: int) -> float:
+    """NDCG@20 of the server model over ``users``."""
     def score_all(batch: Tensor) -> Tensor:
         return torch.stack([score(server, server["ug"][u], server["um"][u].expand(num_items, DIM),
                                   server["ig"], server["im"]) for u in batch.tolist()])
 
     with torch.no_grad():
-        return full_ranking_metrics(score_all, users, *csr(train), *csr(test), num_items,
+        return full_ranking_metrics(score_all, users, *train_csr, *test_csr, num_items,
                                     ks=(20,))["ndcg@20"]
 
 
@@ -243,6 +246,8 @@ def main() -> None:
         allowed = np.ones(item_max + 1, dtype=bool)
         allowed[train[u]] = False
         pools[u] = np.nonzero(allowed)[0]
+    eval_users = torch.tensor(sorted(test), dtype=torch.long)
+    train_csr, test_csr = csr(train, num_users), csr(test, num_users)
     server = init_server(num_users, num_items)
     hashes = {c: {k: StoredHash(num_items, int(num_items * DIM * c), HASH_SEEDS[k])
                   for k in TABLES} for c in set(fraction) if c < 1.0}
@@ -254,8 +259,13 @@ def main() -> None:
         weights = sizes / sizes.sum()
         downloads = {c: {k: h.project(server[k]) for k, h in hs.items()}
                      for c, hs in hashes.items()}
-        acc = ({k: torch.zeros_like(v) for k, v in server.items()} if args.aggregation == "model"
-               else {k: v.clone() for k, v in server.items()})
+        if args.aggregation == "model":
+            acc = {k: torch.zeros_like(v) for k, v in server.items()}
+        else:
+            acc = {k: v.clone() for k, v in server.items()}
+            # What each hashed tier started from, in the server's shapes: once per round.
+            starts = {c: {k: hashes[c][k].expand(w) for k, w in ws.items()}
+                      for c, ws in downloads.items()}
         for s, p in zip(sample, weights):
             u, c = users[s], fraction[s]
             out = train_client(server, downloads.get(c), hashes.get(c), u, train[u], pools[u])
@@ -263,18 +273,17 @@ def main() -> None:
                 if args.aggregation == "model":
                     acc[k] += p * v
                 else:
-                    start_k = (hashes[c][k].expand(downloads[c][k]) if c < 1.0 and k in TABLES
-                               else server[k])
-                    acc[k] += p * (v - start_k)
+                    begin = starts[c][k] if c < 1.0 and k in TABLES else server[k]
+                    acc[k] += p * (v - begin)
         server = acc
         if t % args.eval_every == 0 and t > 0:
-            value = ndcg(server, train, test, num_users, num_items)
+            value = ndcg(server, eval_users, train_csr, test_csr, num_items)
             curve.append({"round": t, "rounds_trained": t + 1, "ndcg@20": value,
                           "seconds": round(time.time() - start, 1)})
             print(f"round {t}: NDCG@20 {value:.4f}", flush=True)
 
     best = max(curve, key=lambda r: r["ndcg@20"]) if curve else None
-    doc = {"what": "the FAIR reference code's loop re-implemented (benchmarks/reference_quality.py)",
+    doc = {"what": "the FAIR reference code's loop, re-implemented (reference_quality.py)",
            "command": " ".join(shlex.quote(a) for a in sys.argv),
            "date": datetime.date.today().isoformat(), "cpu": cpu_model(), "commit": commit(),
            "package_changes": package_changes(), "versions": versions(),
