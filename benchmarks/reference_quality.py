@@ -58,7 +58,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fastfair.fl.data import default_data_dir
+from fastfair.fl.data import default_data_dir, load_fair
 from fastfair.fl.metrics import full_ranking_metrics
 
 HERE = pathlib.Path(__file__).resolve().parent
@@ -189,17 +189,6 @@ def train_client(server: dict, download: dict | None, hashes: dict | None, user:
     return out
 
 
-def csr(lists: dict, num_users: int) -> tuple:
-    """``(indptr, items)`` of ``{user: items}``, each user's items sorted and unique."""
-    indptr = np.zeros(num_users + 1, dtype=np.int64)
-    items = []
-    for u in range(num_users):
-        row = np.unique(lists.get(u, np.zeros(0, dtype=np.int64)))
-        indptr[u + 1] = indptr[u] + row.size
-        items.append(row)
-    return torch.from_numpy(indptr), torch.from_numpy(np.concatenate(items))
-
-
 def ndcg(server: dict, users: Tensor, train_csr: tuple, test_csr: tuple, num_items: int) -> float:
     """NDCG@20 of the server model over ``users``."""
     def score_all(batch: Tensor) -> Tensor:
@@ -235,10 +224,15 @@ def main() -> None:
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     torch.set_num_threads(1)
-    train, test = read_users(folder / "train.txt"), read_users(folder / "test.txt")
+    # The evaluation's sorted, unique CSR matrices and the table sizes (1 + the largest id over
+    # both files, as the reference counts them): fastfair's loader of the same files.
+    data = load_fair(folder)
+    num_users, num_items = data.num_users, data.num_items
+    eval_users = data.test_users()
+    train_csr = (data.train_indptr, data.train_items)
+    test_csr = (data.test_indptr, data.test_items)
+    train = read_users(folder / "train.txt")
     item_max = max(int(v.max()) for v in train.values())
-    num_items = max(item_max, max(int(v.max()) for v in test.values())) + 1
-    num_users = max(max(train), max(test)) + 1
     users = sorted(train)
     fraction = [1.0 / 2 ** powers[i * len(powers) // len(users)] for i in range(len(users))]
     pools = {}
@@ -246,8 +240,6 @@ def main() -> None:
         allowed = np.ones(item_max + 1, dtype=bool)
         allowed[train[u]] = False
         pools[u] = np.nonzero(allowed)[0]
-    eval_users = torch.tensor(sorted(test), dtype=torch.long)
-    train_csr, test_csr = csr(train, num_users), csr(test, num_users)
     server = init_server(num_users, num_items)
     hashes = {c: {k: StoredHash(num_items, int(num_items * DIM * c), HASH_SEEDS[k])
                   for k in TABLES} for c in set(fraction) if c < 1.0}
