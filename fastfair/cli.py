@@ -44,8 +44,8 @@ from .fl.parallel import POOLS
 from .fl.profiles import PROFILES
 from .fl.runner import (AGGREGATIONS, ASSIGNMENTS, COMPRESSIBLE, DATA_STEP, FULL_TABLES,
                         HASHED_FULL_METHODS, LEGACY_SETTINGS, LOCAL_KERNELS, LOSSES, METHODS,
-                        FITS, NEGATIVE_SAMPLINGS, OPTIMIZER_STATES, OPTIMIZERS, WEIGHTINGS,
-                        Config,
+                        FITS, NEGATIVE_SAMPLINGS, OPTIMIZER_STATES, OPTIMIZERS, SUBSPACES,
+                        WEIGHTINGS, Config,
                         FederatedRunner, popularity_metrics)
 from .fl.tiers import fraction_label, parse_tiers
 
@@ -71,7 +71,8 @@ _CHOICES = {"method": METHODS, "arch": ARCHS, "head_init": HEAD_INITS, "full_tab
             "optimizer": OPTIMIZERS,
             "optimizer_state": OPTIMIZER_STATES, "loss": LOSSES, "compressor": COMPRESSORS,
             "aggregation": AGGREGATIONS, "weighting": WEIGHTINGS, "fit": FITS,
-            "negative_sampling": NEGATIVE_SAMPLINGS, "local_kernel": LOCAL_KERNELS}
+            "subspace": SUBSPACES, "negative_sampling": NEGATIVE_SAMPLINGS,
+            "local_kernel": LOCAL_KERNELS}
 _SHORT = {"clients_per_round": "-K", "local_epochs": "-E"}
 _HELP = {
     "arch": "model",
@@ -108,6 +109,8 @@ _HELP = {
            "squares (plain, FAIR) or weighted by each item row's energy (energy), so used rows "
            "arrive close to their value",
     "fit_floor": "energy fit: every row's weight is its energy plus this times the mean energy",
+    "subspace": "the hashed arrays' random subspace: one for the whole run (fixed, FAIR) or a "
+                "fresh one every round, shared by the round's devices (round)",
     "chunk_size": "hash chunk size Z (contiguous elements per hash)",
     "dropout": "probability that a sampled client never returns its update",
     "seed": "seed of the runner (initialisation, tiers, hashes, sampling)",
@@ -376,8 +379,9 @@ def _plan(args, data) -> list:
         for method, compressor in ((m, c) for m in methods for c in compressors):
             config = Config(method=method, tiers=tiers, ks=ks, compressor=compressor, **shared)
             if args.command == "compare" and not config.has_hashed_arrays():
-                # The fit of hashed arrays does not apply: the baseline runs as it is.
-                config = dataclasses.replace(config, fit="plain")
+                # How hashed arrays are fitted and hashed does not apply: the baseline runs as
+                # it is.
+                config = dataclasses.replace(config, fit="plain", subspace="fixed")
             if compressor != "none" and method not in COMPRESSIBLE:
                 if args.command == "train":
                     config.check(data)  # raises, naming the methods a compressor applies to

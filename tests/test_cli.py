@@ -294,14 +294,22 @@ def test_compare_with_hashed_full_tables_reports_methods_without_them_as_na(tmp_
                                                           "fedavg-full": True}
 
 
-def test_compare_fits_only_the_hashed_arrays_with_energy(tmp_path):
+def test_compare_fits_and_rehashes_only_the_hashed_arrays(tmp_path):
     out = tmp_path / "f"
     assert cli.main([str(a) for a in ["compare", *TINY, "--rounds", "1", "--tiers", "2:0-2",
                                       "--methods", "fair,fedhm", "--fit", "energy",
-                                      "--checkpoint-every", "1", "--out", out]]) == 0
-    fits = {path.stem: torch.load(path, weights_only=True)["config"]["fit"]
-            for path in (out / "checkpoints").glob("*.pt")}
-    assert fits == {"fair__2_0-2": "energy", "fedhm__2_0-2": "plain"}
+                                      "--subspace", "round", "--checkpoint-every", "1",
+                                      "--out", out]]) == 0
+    configs = {path.stem: torch.load(path, weights_only=True)["config"]
+               for path in (out / "checkpoints").glob("*.pt")}
+    assert {k: (c["fit"], c["subspace"]) for k, c in configs.items()} == {
+        "fair__2_0-2": ("energy", "round"), "fedhm__2_0-2": ("plain", "fixed")}
+
+
+def test_train_refuses_a_round_subspace_without_hashed_arrays(capsys, tmp_path):
+    line = _error(capsys, ["train", *TINY, "--method", "fedhm", "--subspace", "round",
+                           "--out", str(tmp_path / "x")])
+    assert "subspace 'round' applies to hashed arrays" in line and "'fedhm' has none" in line
 
 
 def test_compare_with_compressors_reports_upload_ratio_and_plots_it(tmp_path, capsys):

@@ -9,7 +9,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import fastfair
 from fastfair.fl.data import synthetic
 from fastfair.fl.runner import (BYTES_PER_PARAM, Config, FederatedRunner, LowRank, Slice,
-                                train)
+                                round_seed, train)
 from testing import state_equal
 
 
@@ -46,13 +46,19 @@ def _naive_dense(runner, name, update, view):
     return fastfair.expand_dense(update[f"{key}.weight"], spec, backend="reference")
 
 
-@pytest.mark.parametrize("method,tiers,full", [
-    ("fair", "2:0-1-2-3", "dense"), ("fair-inconsistent", "2:0-1-2-3", "dense"),
-    ("fedhm", "2:0-1-2-3", "dense"), ("heterofl", "2:0-1-2", "dense"),
-    ("fair", "2:0-1-2-3", "hashed"), ("fair-inconsistent", "2:0-1-2", "hashed"),
-    ("fedavg-full", "2:0-1-2", "hashed")])
-def test_aggregation_equals_the_naive_weighted_sum_of_uploads(data, method, tiers, full):
-    runner = FederatedRunner(data, _cfg(method=method, tiers=tiers, full_table=full))
+@pytest.mark.parametrize("method,tiers,full,subspace", [
+    ("fair", "2:0-1-2-3", "dense", "fixed"), ("fair-inconsistent", "2:0-1-2-3", "dense", "fixed"),
+    ("fedhm", "2:0-1-2-3", "dense", "fixed"), ("heterofl", "2:0-1-2", "dense", "fixed"),
+    ("fair", "2:0-1-2-3", "hashed", "fixed"), ("fair-inconsistent", "2:0-1-2", "hashed", "fixed"),
+    ("fedavg-full", "2:0-1-2", "hashed", "fixed"),
+    ("fair", "2:0-1-2-3", "dense", "round"), ("fair", "2:0-1-2", "hashed", "round"),
+    ("fair-inconsistent", "2:0-1-2", "dense", "round"),
+    ("fedavg-full", "2:0-1-2", "hashed", "round")])
+def test_aggregation_equals_the_naive_weighted_sum_of_uploads(data, method, tiers, full,
+                                                              subspace):
+    runner = FederatedRunner(data, _cfg(method=method, tiers=tiers, full_table=full,
+                                        subspace=subspace))
+    runner.round_index = 3  # a round whose seeds are not the run's own
     uploads = []
     for client in runner.eligible[:16].tolist():
         view = runner.view(client)
@@ -80,15 +86,21 @@ def test_aggregation_equals_the_naive_weighted_sum_of_uploads(data, method, tier
         torch.testing.assert_close(runner.tables[name], expect[name], rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("method,tiers,full,fit", [
-    ("fair", "2:0-1-2-3", "dense", "plain"), ("fair-inconsistent", "2:0-1-2", "dense", "plain"),
-    ("fedhm", "2:0-1-2", "dense", "plain"), ("heterofl", "2:0-1-2", "dense", "plain"),
-    ("fair", "2:0-1-2", "hashed", "plain"), ("fair", "2:0-1-2-3", "dense", "energy"),
-    ("fair-inconsistent", "2:0-1-2", "hashed", "energy")])
+@pytest.mark.parametrize("method,tiers,full,fit,subspace", [
+    ("fair", "2:0-1-2-3", "dense", "plain", "fixed"),
+    ("fair-inconsistent", "2:0-1-2", "dense", "plain", "fixed"),
+    ("fedhm", "2:0-1-2", "dense", "plain", "fixed"),
+    ("heterofl", "2:0-1-2", "dense", "plain", "fixed"),
+    ("fair", "2:0-1-2", "hashed", "plain", "fixed"),
+    ("fair", "2:0-1-2-3", "dense", "energy", "fixed"),
+    ("fair-inconsistent", "2:0-1-2", "hashed", "energy", "fixed"),
+    ("fair", "2:0-1-2-3", "dense", "plain", "round"),
+    ("fair", "2:0-1-2", "hashed", "energy", "round")])
 def test_delta_aggregation_adds_the_naive_weighted_sum_of_changes(data, method, tiers, full,
-                                                                  fit):
+                                                                  fit, subspace):
     runner = FederatedRunner(data, _cfg(method=method, tiers=tiers, aggregation="delta",
-                                        full_table=full, fit=fit))
+                                        full_table=full, fit=fit, subspace=subspace))
+    runner.round_index = 3
     before = {name: t.clone() for name, t in runner.tables.items()}
     uploads, starts = [], []
     for client in runner.eligible[:12].tolist():
@@ -114,7 +126,8 @@ def test_delta_aggregation_adds_the_naive_weighted_sum_of_changes(data, method, 
         change[:, ~held] = 0
         expect[name] = (before[name].double() + change).float()
     model_rule = FederatedRunner(data, _cfg(method=method, tiers=tiers, full_table=full,
-                                            fit=fit))
+                                            fit=fit, subspace=subspace))
+    model_rule.round_index = 3
     model_rule.aggregate_uploads(uploads)
     runner.aggregate_uploads(uploads)
     for name in runner.tables:
@@ -223,6 +236,50 @@ def test_download_is_the_projection_and_nests(data):
     spec = view.specs["gmf"]
     proj = fastfair.expand_dense(fastfair.project_dense(runner.tables["gmf"], spec), spec)
     torch.testing.assert_close(fastfair.expand_dense(model.item_gmf.weight.detach(), spec), proj)
+
+
+def test_round_subspace_draws_a_fresh_seed_every_round_shared_by_the_rounds_devices(data):
+    runner = FederatedRunner(data, _cfg(method="fair", tiers="2:0-1-2-3", subspace="round",
+                                        aggregation="delta"))
+    fixed = FederatedRunner(data, _cfg(method="fair", tiers="2:0-1-2-3"))
+    by_tier = {}
+    for client in range(data.num_users):
+        by_tier.setdefault(int(runner.tier_of[client]), client)
+    assert len(by_tier) == 4
+    seen = set()
+    for r in range(3):
+        runner.run_round()
+        specs = {t: runner.view(c).specs for t, c in by_tier.items()}
+        for name in ("gmf", "mlp"):
+            hashed = [specs[t][name] for t in sorted(specs) if specs[t][name] is not None]
+            base = fixed.view(by_tier[1]).specs[name].seed
+            # one seed for the round's devices, so their arrays nest and fold ...
+            assert {s.seed for s in hashed} == {round_seed(base, runner.round_index)}
+            big, small = hashed[0], hashed[-1]
+            w = torch.randn(big.memory_size, dtype=torch.float64)
+            counts = fastfair.slot_counts(big)
+            fold = fastfair.fold(w, big.memory_size // small.memory_size, counts)
+            direct = fastfair.project_dense(fastfair.expand_dense(w, big), small)
+            torch.testing.assert_close(fold, direct)
+            seen.add(hashed[0].seed)
+    # ... and a new one each round, none the fixed run's
+    assert len(seen) == 6 and not seen & {fixed.view(by_tier[1]).specs[n].seed
+                                          for n in ("gmf", "mlp")}
+
+
+def test_round_subspace_downloads_the_projection_onto_the_rounds_subspace(data):
+    runner = FederatedRunner(data, _cfg(method="fair", tiers="2:0-2", subspace="round"))
+    client = next(c for c in range(data.num_users) if int(runner.tier_of[c]) == 1)
+    for _ in range(2):
+        runner.run_round()
+        runner.begin_round()
+        view = runner.view(client)
+        model = runner.download(client, view)
+        spec = view.specs["gmf"]
+        assert spec.seed == round_seed(runner.tier_specs["gmf"][1].seed, runner.round_index)
+        proj = fastfair.expand_dense(fastfair.project_dense(runner.tables["gmf"], spec), spec)
+        torch.testing.assert_close(fastfair.expand_dense(model.item_gmf.weight.detach(), spec),
+                                   proj)
 
 
 def test_energy_fit_downloads_the_energy_weighted_fit(data):
@@ -398,6 +455,10 @@ def test_training_learns_on_the_synthetic_default(data):
                                          "method 'fedhm' has none"),
     (dict(fit="energy", method="fedavg-full"), "fit 'energy' applies to hashed arrays"),
     (dict(tiers="2:"), "tier spec '2:'"),
+    (dict(subspace="daily"), "subspace must be one of \\('fixed', 'round'\\), got 'daily'"),
+    (dict(subspace="round", method="heterofl"), "subspace 'round' applies to hashed arrays: .*"
+                                                "method 'heterofl' has none"),
+    (dict(subspace="round", method="exclusion"), "subspace 'round' applies to hashed arrays"),
 ])
 def test_bad_configs(data, kw, match):
     with pytest.raises(ValueError, match=match):
@@ -502,7 +563,9 @@ def test_dropout_counts_and_renormalises(data):
     # redrawn negatives and the step applied after the round
     ("fair", dict(negative_sampling="unseen", user_step="data")),
     ("fedhm", dict(negative_sampling="unseen", user_step="data", weighting="capacity")),
-    ("fair", dict(fit="energy", aggregation="delta"))])
+    ("fair", dict(fit="energy", aggregation="delta")),
+    ("fair", dict(subspace="round", aggregation="delta")),
+    ("fair-inconsistent", dict(subspace="round"))])
 def test_resume_continues_bit_identically(data, method, extra, tmp_path):
     cfg = _cfg(method=method, tiers="2:0-1-2", dropout=0.3, optimizer_state="persistent",
                clients_per_round=10, **extra)

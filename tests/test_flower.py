@@ -126,8 +126,10 @@ def _assert_same_records(expected, got):
     dict(compressor="topk", ratio=0.1),
     dict(refit_epochs=10, refit_sample=5, refit_lr=0.05, user_step=0.5, rounds=3),
     dict(full_table="hashed", aggregation="delta"),
+    # every round's seed must reach the nodes: a node hashing with another gives other tables
+    dict(subspace="round", aggregation="delta", rounds=3),
 ], ids=["fair", "fedhm", "heterofl", "fair-inconsistent", "mf-dropout-persistent-delta",
-        "actions", "topk", "refit-user-step", "hashed-full"])
+        "actions", "topk", "refit-user-step", "hashed-full", "round-subspace"])
 def test_loopback_equals_in_process(data, kwargs):
     cfg = _config(**kwargs)
     runner, expected = _in_process(data, cfg)

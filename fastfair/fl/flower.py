@@ -469,6 +469,9 @@ class Device:
     def train(self, msg: Message, context: Context) -> Message:
         runner, cfg = self.runner, self.cfg
         user = self._checked_user(msg, context)
+        # The server's round: a per-round subspace's seed and compress()'s k-means seeds
+        # depend on it, not on this runner's own count.
+        runner.round_index = int(msg.content[TASK]["round"])
         view = runner.view(user)
         model = runner.download(user, view)  # the structure; its tables are replaced below
         received = msg.content[DOWNLOAD].to_torch_state_dict()
@@ -499,16 +502,14 @@ class Device:
         content = RecordDict({RNG: ArrayRecord({"state": gen.get_state()}),
                               RESULT: MetricRecord({"loss": float(loss)})})
         if runner.compressor is not None and runner.check_update(update, view) is None:
-            content.update(self._compressed(runner, user, update, start, view, msg))
+            content.update(self._compressed(runner, user, update, start, view))
         else:
             content[UPDATE] = ArrayRecord(_as_sent(update))
         return Message(content, reply_to=msg)
 
     @staticmethod
     def _compressed(runner: FederatedRunner, user: int, update: dict, start: dict,
-                    view: ClientView, msg: Message) -> dict:
-        # compress() seeds k-means with the round index: the server's, not this runner's.
-        runner.round_index = int(msg.content[TASK]["round"])
+                    view: ClientView) -> dict:
         received, sent = runner.compress(user, update, start, view)
         parts, meta = {}, {}
         for key in start:

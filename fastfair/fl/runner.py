@@ -18,7 +18,9 @@ Views of an item table ``T`` for a device of capacity ``c`` (a fraction of ``n d
       T <- sum_{dense c} p_c T_c  +  expand_dense( aggregate([w_c], [p_c], M) )
 
   i.e. every hashed upload is tiled to ``M`` and summed in one pass, then expanded once: no
-  per-client dense temporary beyond the one accumulator.
+  per-client dense temporary beyond the one accumulator. With ``subspace="round"`` the shared
+  seed is drawn afresh every round (``round_seed``), so the subspaces nest within a round and
+  change between rounds.
 * ``fair-inconsistent``: as ``fair`` but every device hashes with its own seed (the ablation), so
   each upload is expanded on its own.
 * ``fedhm``: the device holds ``T ~ L R`` of rank ``r = floor(n d c / (n + d))`` (the same
@@ -53,6 +55,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import aggregate, expand_dense, project_dense, slot_counts
+from ..kernels import hashing
 from ..kernels.functional import HashSpec
 from ..nn import HashedEmbedding
 from ..optim import DeferredAdam, ScatterAdam
@@ -78,6 +81,7 @@ WEIGHTINGS = ("data", "capacity")
 NEGATIVE_SAMPLINGS = ("uniform", "unseen")
 LOCAL_KERNELS = ("auto", "fused", "autograd")
 FITS = ("plain", "energy")
+SUBSPACES = ("fixed", "round")
 # Methods that give some device a hashed array (fedavg-full and exclusion only with
 # full_table="hashed"): the views ``fit`` applies to.
 HASHED_METHODS = ("fair", "fair-inconsistent")
@@ -93,6 +97,8 @@ BYTES_PER_PARAM = 4  # float32 on the wire
 INIT_STD = 0.01
 # Seeds of the inconsistent ablation: far from the shared seed so no device reuses it.
 INCONSISTENT_SEED_BASE = 1 << 20
+# Mixed into the seeds of ``subspace="round"``, so a round's seed is no fixed run's seed.
+SUBSPACE_SALT = 0x2B7E1516
 CHECKPOINT_FORMAT = 1
 # Item tables (sparse gradients under Adam) of at least this many parameters train with
 # DeferredAdam, the smaller ones with ScatterAdam (Adam's dense step, the gradient scattered in,
@@ -177,6 +183,18 @@ class Config:
     the rows sharing their slots carry the error instead. Uploads and aggregation are unchanged;
     with delta aggregation the server adds each device's change to what it downloaded.
 
+    ``subspace``: which random subspace a hashed array spans. ``"fixed"`` (FAIR, the reference
+    code): one hash seed for the whole run, so an entry shares its slot with the same entries
+    every round, and whatever a device's change does to a slot's other entries (the rows it
+    never used) it does to the same rows, with the same signs, round after round. ``"round"``:
+    every round draws a fresh seed, ``seed_r = fmix32(fmix32(seed ^ SALT) ^ r)`` for the
+    table's seed ``seed`` and round index ``r``, the same for every device of the round. Arrays
+    of one round still nest and fold, so downloads and aggregation are unchanged; but the
+    change a collision carries to an unused row now points a new way every round and
+    averages out, while the change to the rows a device trained adds up. It costs one pass
+    over the ``n d`` entries a round per hashed size (the slot counts) and a seed sent with
+    each round's task.
+
     Serving (``fastfair.fl.serve``): with ``refit_epochs`` > 0 every user is evaluated with
     vectors refit to the current global model (``refit_epochs`` full-batch Adam steps at
     ``refit_lr`` from zero, on at most ``refit_sample`` of its positives, 0: all) instead of its
@@ -225,6 +243,7 @@ class Config:
     refit_sample: int = 256
     fit: str = "plain"
     fit_floor: float = 0.1
+    subspace: str = "fixed"
 
     def check(self, data: InteractionData) -> None:
         """A clear ValueError for the first bad setting."""
@@ -234,6 +253,7 @@ class Config:
                               ("optimizer_state", OPTIMIZER_STATES), ("loss", LOSSES),
                               ("assignment", ASSIGNMENTS), ("aggregation", AGGREGATIONS),
                               ("weighting", WEIGHTINGS), ("fit", FITS),
+                              ("subspace", SUBSPACES),
                               ("negative_sampling", NEGATIVE_SAMPLINGS),
                               ("local_kernel", LOCAL_KERNELS)):
             if getattr(self, name) not in allowed:
@@ -257,10 +277,13 @@ class Config:
                 or not (isinstance(self.user_step, (int, float)) and 0 < self.user_step <= 1)):
             raise ValueError(f"user_step must be a float in (0, 1] or {DATA_STEP!r}, "
                              f"got {self.user_step!r}")
-        if self.fit != "plain" and not self.has_hashed_arrays():
-            raise ValueError(f"fit {self.fit!r} applies to hashed arrays: methods "
-                             f"{', '.join(HASHED_METHODS)}, or {', '.join(HASHED_FULL_METHODS)} "
-                             f"with full_table 'hashed'; method {self.method!r} has none")
+        for name, default in (("fit", "plain"), ("subspace", "fixed")):
+            value = getattr(self, name)
+            if value != default and not self.has_hashed_arrays():
+                raise ValueError(f"{name} {value!r} applies to hashed arrays: methods "
+                                 f"{', '.join(HASHED_METHODS)}, or "
+                                 f"{', '.join(HASHED_FULL_METHODS)} with full_table 'hashed'; "
+                                 f"method {self.method!r} has none")
         if isinstance(self.reg, bool) or not (isinstance(self.reg, (int, float))
                                               and math.isfinite(self.reg) and self.reg >= 0):
             raise ValueError(f"reg must be a number >= 0, got {self.reg!r}")
@@ -494,8 +517,15 @@ class FederatedRunner(RoundRunner):
             spec = self.layout[name][tier]
             if self.cfg.method == "fair-inconsistent" and spec is not None:
                 spec = dataclasses.replace(spec, seed=INCONSISTENT_SEED_BASE + 2 * client + k)
-            specs[name] = spec
+            specs[name] = self._this_round(spec)
         return ClientView(tier, specs)
+
+    def _this_round(self, spec: TableView) -> TableView:
+        """``spec`` as this round's devices hash it: with ``subspace="round"`` a hashed view
+        takes the round's seed (see ``Config``); any other view is returned as it is."""
+        if self.cfg.subspace == "fixed" or not isinstance(spec, HashSpec):
+            return spec
+        return dataclasses.replace(spec, seed=round_seed(spec.seed, self.round_index))
 
     def counts(self, spec: HashSpec) -> Tensor:
         if spec not in self._counts:
@@ -859,8 +889,8 @@ class FederatedRunner(RoundRunner):
                 else:
                     acc += p * expand_dense(_dense(table), spec)
             if arrays:
-                big = max((s for s in self.tier_specs[name] if s is not None),
-                          key=lambda s: s.memory_size)
+                big = self._this_round(max((s for s in self.tier_specs[name] if s is not None),
+                                           key=lambda s: s.memory_size))
                 acc += expand_dense(aggregate(arrays, weights, big.memory_size), big)
             if self.cfg.aggregation == "delta":
                 self._add_lost_part(name, acc, [(view.specs[name], w / total)
@@ -909,6 +939,8 @@ class FederatedRunner(RoundRunner):
     def begin_round(self) -> None:
         self._svd.clear()
         self._projections.clear()
+        if self.cfg.subspace == "round":
+            self._counts.clear()  # last round's seeds are not used again
         self._per_class: dict = {}
         self._trained_vectors: dict = {}
 
@@ -1128,6 +1160,12 @@ def _with_defaults(config: dict) -> dict:
     their defaults, or ``LEGACY_SETTINGS``."""
     return {**{f.name: f.default for f in dataclasses.fields(Config)}, **LEGACY_SETTINGS,
             **config}
+
+
+def round_seed(seed: int, round_index: int) -> int:
+    """The hash seed of round ``round_index`` for a table of seed ``seed`` under
+    ``subspace="round"``: ``fmix32(fmix32(seed ^ SUBSPACE_SALT) ^ round_index)``."""
+    return hashing.fmix32_int(hashing.fmix32_int(seed ^ SUBSPACE_SALT) ^ round_index)
 
 
 def _deferred(entries: int) -> bool:
