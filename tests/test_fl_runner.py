@@ -282,6 +282,24 @@ def test_round_subspace_downloads_the_projection_onto_the_rounds_subspace(data):
                                    proj)
 
 
+@pytest.mark.parametrize("fit", ["plain", "energy"])
+def test_round_subspace_caches_only_the_current_rounds_arrays(data, fit):
+    # A Flower node only sets the round and downloads: no begin_round clears its caches.
+    runner = FederatedRunner(data, _cfg(method="fair", tiers="2:0-1-2", subspace="round",
+                                        aggregation="delta", fit=fit))
+    clients = [next(c for c in range(data.num_users) if int(runner.tier_of[c]) == t)
+               for t in (1, 2)]
+    for r in range(4):
+        runner.round_index = r
+        for client in clients:
+            runner.download(client, runner.view(client))
+        seeds = {round_seed(s.seed, r) for s in
+                 (runner.tier_specs[n][1] for n in ("gmf", "mlp"))}
+        cached = [key[1] for key in runner._projections if isinstance(key[1], fastfair.HashSpec)]
+        assert {s.seed for s in runner._counts} <= seeds and {s.seed for s in cached} == seeds
+        assert len(cached) == 4  # two tiers, two tables
+
+
 def test_energy_fit_downloads_the_energy_weighted_fit(data):
     cfg = _cfg(method="fair", tiers="2:0-1-3", aggregation="delta", fit="energy", fit_floor=0.3)
     runner = FederatedRunner(data, cfg)

@@ -446,6 +446,7 @@ class FederatedRunner(RoundRunner):
                 torch.manual_seed(config.seed)
                 self.head = Head(d, init=config.head_init)
         self._counts: dict = {}
+        self._cached_round: Optional[int] = None
         self._trained_vectors: dict = {}
         self._svd: dict = {}
         self._projections: dict = {}
@@ -527,7 +528,18 @@ class FederatedRunner(RoundRunner):
             return spec
         return dataclasses.replace(spec, seed=round_seed(spec.seed, self.round_index))
 
+    def _drop_earlier_rounds(self) -> None:
+        """With ``subspace="round"`` a round's seeds are never used again: forget the slot
+        counts and downloads cached for an earlier round. Every path that builds a round's
+        views comes through here (the loop, the worker plan, a Flower node, which never runs
+        ``begin_round``), so no cache grows with the rounds."""
+        if self.cfg.subspace == "round" and self._cached_round != self.round_index:
+            self._counts.clear()
+            self._projections.clear()
+            self._cached_round = self.round_index
+
     def counts(self, spec: HashSpec) -> Tensor:
+        self._drop_earlier_rounds()
         if spec not in self._counts:
             self._counts[spec] = slot_counts(spec)
         return self._counts[spec]
@@ -567,6 +579,7 @@ class FederatedRunner(RoundRunner):
     def _projection(self, name: str, spec: HashSpec) -> Tensor:
         """``project_dense`` of table ``name`` for ``spec``, once per round: every device of a
         tier (every one, when hashing is consistent) downloads the same array."""
+        self._drop_earlier_rounds()
         key = (name, spec)
         if key not in self._projections:
             weights = self._fit_weights(name)
@@ -939,8 +952,6 @@ class FederatedRunner(RoundRunner):
     def begin_round(self) -> None:
         self._svd.clear()
         self._projections.clear()
-        if self.cfg.subspace == "round":
-            self._counts.clear()  # last round's seeds are not used again
         self._per_class: dict = {}
         self._trained_vectors: dict = {}
 
