@@ -13,6 +13,9 @@ tier mixes on the same data and seeds. Both write to ``--out``:
 * ``checkpoints/<method>__<tiers>.pt``: ``FederatedRunner.save`` every ``--checkpoint-every``
   rounds and at the end; ``--resume`` continues every run bit-identically from them.
 
+``fastfair summary`` (``fastfair.summary_cli``) puts the seeds of such runs side by side, and
+``fastfair xc`` (``fastfair.xc_cli``) runs extreme classification.
+
 Every bad argument or data problem ends with one line ``fastfair: error: ...`` and status 2.
 """
 from __future__ import annotations
@@ -274,6 +277,10 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("xc", add_help=False,
                         help="extreme classification with LSH output layers (PGHash); "
                              "see fastfair xc --help")
+    # Parsed by fastfair.summary_cli.
+    commands.add_parser("summary", add_help=False,
+                        help="the seeds of each experiment side by side, from run folders; "
+                             "see fastfair summary --help")
     return parser
 
 
@@ -835,6 +842,9 @@ def main(argv: Optional[list] = None) -> int:
     if argv[:1] == ["xc"]:
         from .xc_cli import main as xc_main
         return xc_main(argv[1:])
+    if argv[:1] == ["summary"]:
+        from .summary_cli import main as summary_main
+        return summary_main(argv[1:])
     try:
         args, out, data, runs = _setup(argv)
     except SystemExit as done:  # --help, --version
