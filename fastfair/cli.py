@@ -45,6 +45,7 @@ from .fl.model import ARCHS, HEAD_INITS
 from .fl.compress import COMPRESSORS
 from .fl.parallel import POOLS
 from .fl.profiles import PROFILES
+from .fl.summary import read_json_lines
 from .fl.runner import (AGGREGATIONS, ASSIGNMENTS, COMPRESSIBLE, DATA_STEP, FULL_TABLES,
                         HASHED_FULL_METHODS, LEGACY_SETTINGS, LOCAL_KERNELS, LOSSES, METHODS,
                         FITS, NEGATIVE_SAMPLINGS, OPTIMIZER_STATES, OPTIMIZERS, SUBSPACES,
@@ -492,18 +493,7 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 def _read_records(path: Path) -> list:
-    if not path.is_file():
-        return []
-    lines = path.read_text().splitlines()
-    records = []
-    for number, line in enumerate(lines, 1):
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            # A run killed mid-write leaves a torn last line; anything else is not ours to drop.
-            if number < len(lines):
-                raise ValueError(f"{path}, line {number} is not JSON") from None
-    return records
+    return read_json_lines(path) if path.is_file() else []
 
 
 def _data_record(data) -> dict:

@@ -65,14 +65,15 @@ class Experiment:
         return self.runs[0].label
 
 
-def _read_json_lines(path: Path) -> list:
+def read_json_lines(path: Path) -> list:
+    """The JSON objects of a JSON-lines file, one per line; a torn last line (a run still writing,
+    or killed mid-write) is left out, a bad line elsewhere is an error."""
     lines = path.read_text().splitlines()
     records = []
     for number, line in enumerate(lines, 1):
         try:
             records.append(json.loads(line))
         except json.JSONDecodeError:
-            # A run still writing (or killed mid-write) can leave a torn last line.
             if number < len(lines):
                 raise ValueError(f"{path}, line {number} is not JSON") from None
     return records
@@ -96,7 +97,7 @@ def load_runs(folders: list) -> list:
             raise ValueError(f"{config_path} is not a fastfair train/compare config "
                              f"(no 'runs' and 'data')") from None
         results = folder / RESULTS_FILE
-        records = _read_json_lines(results) if results.is_file() else []
+        records = read_json_lines(results) if results.is_file() else []
         for entry in planned:
             if not entry.get("trainable", True):
                 continue
