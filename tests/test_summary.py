@@ -121,13 +121,24 @@ def test_partial_runs_and_untrainable_entries(tmp_path):
     assert row[7] == f"{expected:.4f}"
 
 
-def test_the_same_run_twice_is_refused_and_bad_input_named(tmp_path):
+def test_the_same_run_twice_counts_once_and_two_curves_are_refused(tmp_path):
     rng = np.random.default_rng(4)
-    curve = _curve(rng, [10])
+    curve = _curve(rng, [10, 20])
     _write_run(tmp_path / "a", [Config(seed=5)], [curve])
-    _write_run(tmp_path / "b", [Config(seed=5)], [curve])
-    with pytest.raises(ValueError, match="both hold fair on 2:0-1 with seed 5"):
-        summary.group(summary.load_runs([tmp_path / "a", tmp_path / "b"]))
+    _write_run(tmp_path / "b", [Config(seed=5), Config(seed=5, method="exclusion")],
+               [curve, _curve(rng, [10])])
+    experiments = summary.group(summary.load_runs([tmp_path / "a", tmp_path / "b"]))
+    assert [(e.label, len(e.runs)) for e in experiments] == [("fair", 1), ("exclusion", 1)]
+    # Same settings and seed, another curve (other code, or still running): the user picks.
+    _write_run(tmp_path / "c", [Config(seed=5)], [{10: curve[10]}])
+    with pytest.raises(ValueError, match="both hold fair on 2:0-1 with seed 5 .* different "
+                                         "curves"):
+        summary.group(summary.load_runs([tmp_path / "a", tmp_path / "c"]))
+
+
+def test_bad_input_named(tmp_path):
+    rng = np.random.default_rng(5)
+    _write_run(tmp_path / "a", [Config(seed=5)], [_curve(rng, [10])])
     # The same folder named twice is read once.
     assert len(summary.load_runs([tmp_path / "a", tmp_path / "a"])) == 1
     with pytest.raises(FileNotFoundError, match="no config.json"):

@@ -113,9 +113,16 @@ def _frozen(value):
     return tuple(_frozen(v) for v in value) if isinstance(value, list) else value
 
 
+def _curve(run: Run) -> list:
+    return [(r["round"], r["metrics"]) for r in run.records]
+
+
 def group(runs: list) -> list:
-    """Runs with equal settings but for the seed, in the order they first appear; two runs with
-    the same settings and seed are refused (the same run twice would count twice)."""
+    """Runs with equal settings but for the seed, in the order they first appear. Two runs with
+    the same settings and seed count once when they evaluated the same metrics at the same
+    rounds (the same run written twice, e.g. by two ``compare`` commands), and are refused
+    otherwise: one of them ran other code or is still running, and which to keep is the
+    user's call."""
     experiments: dict = {}
     for run in runs:
         settings = {k: v for k, v in run.config.items() if k != "seed"}
@@ -124,11 +131,12 @@ def group(runs: list) -> list:
                                                                  **settings}))
         twin = next((r for r in experiment.runs if r.config["seed"] == run.config["seed"]),
                     None)
-        if twin is not None:
+        if twin is None:
+            experiment.runs.append(run)
+        elif _curve(twin) != _curve(run):
             raise ValueError(f"{twin.folder} and {run.folder} both hold {run.label} on "
                              f"{run.config['tiers']} with seed {run.config['seed']} and the "
-                             f"same settings: pass one of them")
-        experiment.runs.append(run)
+                             f"same settings, with different curves: pass one of them")
     for experiment in experiments.values():
         experiment.runs.sort(key=lambda r: r.config["seed"])
     return list(experiments.values())
