@@ -114,6 +114,12 @@ def test_partial_runs_and_untrainable_entries(tmp_path):
     assert [r.label for r in runs] == ["fair", "fair"]
     row = _row(summary.table(summary.group(runs), "ndcg@20", (20, 30)), "fair")
     assert row[3] == "10-30"
+    # A third seed that has not evaluated yet keeps its place in the per-seed lists.
+    _write_run(tmp_path / "starting", [Config(seed=2)], [{}])
+    runs3 = summary.load_runs([tmp_path / "done", tmp_path / "running", tmp_path / "starting"])
+    row3 = _row(summary.table(summary.group(runs3), "ndcg@20", (20, 30)), "fair")
+    assert row3[2] == "0, 1, 2" and row3[4].endswith(", n/a") and row3[4].count(",") == 2
+    assert row3[6].endswith("n/a, n/a") and row3[5] == row[5]
     mine = json.loads((tmp_path / "done" / "results.jsonl").read_text().splitlines()[1])
     last = json.loads((tmp_path / "done" / "results.jsonl").read_text().splitlines()[2])
     expected = (mine["metrics"]["ndcg@20"] + last["metrics"]["ndcg@20"]) / 2

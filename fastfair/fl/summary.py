@@ -237,8 +237,8 @@ def table(experiments: list, metric: str, window: tuple) -> str:
                  f"mean {span} per seed", f"mean {span}: mean ± SE", f"mean {span} by tier"])
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for experiment in experiments:
-        done = [s for s in (summarize_run(r, metric, window) for r in experiment.runs)
-                if s is not None]
+        each = [summarize_run(r, metric, window) for r in experiment.runs]
+        done = [s for s in each if s is not None]
         row = [experiment.label, experiment.settings["tiers"]]
         row += [_setting(experiment.settings.get(k)) for k in shown]
         row.append(", ".join(str(r.config["seed"]) for r in experiment.runs))
@@ -247,9 +247,11 @@ def table(experiments: list, metric: str, window: tuple) -> str:
         else:
             rounds = sorted({s.last_round for s in done})
             row.append(str(rounds[0]) if len(rounds) == 1 else f"{rounds[0]}-{rounds[-1]}")
-            row.append(", ".join(f"{s.best:.4f} ({s.best_round})" for s in done))
+            # Per-seed lists keep every seed's place: "n/a" for one without an evaluation yet.
+            row.append(", ".join("n/a" if s is None else f"{s.best:.4f} ({s.best_round})"
+                                 for s in each))
             row.append(_with_se([s.best for s in done]))
-            row.append(", ".join(_number(s.window) for s in done))
+            row.append(", ".join("n/a" if s is None else _number(s.window) for s in each))
             row.append(_with_se([s.window for s in done if s.window is not None]))
             tiers = list(dict.fromkeys(t for s in done for t in s.window_by_tier))
             row.append(", ".join(
