@@ -120,6 +120,13 @@ def test_partial_runs_and_untrainable_entries(tmp_path):
     row3 = _row(summary.table(summary.group(runs3), "ndcg@20", (20, 30)), "fair")
     assert row3[2] == "0, 1, 2" and row3[4].endswith(", n/a") and row3[4].count(",") == 2
     assert row3[6].endswith("n/a, n/a") and row3[5] == row[5]
+    # An experiment with no evaluation at all still fills every column.
+    _write_run(tmp_path / "fresh", [Config(seed=0, method="exclusion")], [{}])
+    text = summary.table(summary.group(summary.load_runs([tmp_path / "fresh"])), "ndcg@20",
+                         (0, None))
+    header, _, fresh = text.splitlines()
+    assert header.count("|") == fresh.count("|")
+    assert _row(text, "exclusion")[2:] == ["0"] + ["n/a"] * 6
     mine = json.loads((tmp_path / "done" / "results.jsonl").read_text().splitlines()[1])
     last = json.loads((tmp_path / "done" / "results.jsonl").read_text().splitlines()[2])
     expected = (mine["metrics"]["ndcg@20"] + last["metrics"]["ndcg@20"]) / 2

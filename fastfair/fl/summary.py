@@ -243,7 +243,7 @@ def table(experiments: list, metric: str, window: tuple) -> str:
         row += [_setting(experiment.settings.get(k)) for k in shown]
         row.append(", ".join(str(r.config["seed"]) for r in experiment.runs))
         if not done:
-            row += ["n/a"] * 7
+            row += ["n/a"] * 6
         else:
             rounds = sorted({s.last_round for s in done})
             row.append(str(rounds[0]) if len(rounds) == 1 else f"{rounds[0]}-{rounds[-1]}")
