@@ -45,7 +45,7 @@ from .fl.model import ARCHS, HEAD_INITS
 from .fl.compress import COMPRESSORS
 from .fl.parallel import POOLS
 from .fl.profiles import PROFILES
-from .fl.summary import read_json_lines
+from .fl.summary import CONFIG_FILE, RESULTS_FILE, read_json_lines, record_key
 from .fl.runner import (AGGREGATIONS, ASSIGNMENTS, COMPRESSIBLE, DATA_STEP, FULL_TABLES,
                         HASHED_FULL_METHODS, LEGACY_SETTINGS, LOCAL_KERNELS, LOSSES, METHODS,
                         FITS, NEGATIVE_SAMPLINGS, OPTIMIZER_STATES, OPTIMIZERS, SUBSPACES,
@@ -54,8 +54,6 @@ from .fl.runner import (AGGREGATIONS, ASSIGNMENTS, COMPRESSIBLE, DATA_STEP, FULL
 from .fl.tiers import fraction_label, parse_tiers
 
 ENGINES = ("inprocess", "flower")
-CONFIG_FILE = "config.json"
-RESULTS_FILE = "results.jsonl"
 ROUNDS_FILE = "rounds.jsonl"
 SUMMARY_FILE = "summary.md"
 PLOT_FILE = "plot.png"
@@ -312,10 +310,6 @@ class _Run:
         return c.method if c.compressor == "none" else f"{c.method}+{c.compressor}"
 
 
-def _key(record: dict) -> tuple:
-    return record["method"], record["tiers"], record.get("compressor", "none")
-
-
 def _choices(flag: str, text: str, allowed: tuple, what: str) -> list:
     """A comma-separated list of ``allowed`` names, in order, without repeats."""
     chosen = list(dict.fromkeys(c.strip() for c in text.split(",") if c.strip()))
@@ -532,7 +526,7 @@ def _prepare_out(args, out: Path, runs: list) -> None:
         # Lines of rounds after a run's checkpoint are redone by the resumed run.
         for name in (RESULTS_FILE, ROUNDS_FILE):
             kept = [r for r in _read_records(out / name)
-                    if r["round"] <= starts.get(_key(r), -1)]
+                    if r["round"] <= starts.get(record_key(r), -1)]
             _write_atomic(out / name, "".join(json.dumps(r) + "\n" for r in kept))
         return
     ckpt_dir.mkdir(parents=True, exist_ok=True)
@@ -672,7 +666,7 @@ def summary_table(runs: list, records: list, ks: tuple, popularity: Optional[dic
               + ["notes"])
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for run in runs:
-        mine = sorted((r for r in records if _key(r) == run.key), key=lambda r: r["round"])
+        mine = sorted((r for r in records if record_key(r) == run.key), key=lambda r: r["round"])
         row = [run.label, run.config.tiers, fraction_label(run.smallest)]
         if run.not_run or not mine:
             row += ["n/a"] * (1 + 2 * len(names) + 2 + 2 * compressed)
@@ -734,7 +728,7 @@ def write_plot(path: Path, runs: list, records: list, metric: str, title: str,
     left, right = axes[0], axes[1]
     finals: dict = {}
     for run in runs:
-        mine = sorted((r for r in records if _key(r) == run.key
+        mine = sorted((r for r in records if record_key(r) == run.key
                        and r["metrics"].get(metric) is not None), key=lambda r: r["round"])
         if run.not_run or not mine:
             continue

@@ -9,7 +9,6 @@ compressor. Runs whose settings are equal but for ``seed`` (and the data set) ar
 For a metric ``m`` and a window of rounds ``[a, b]``, each run gives
 
 * its best evaluation ``max_t m_t`` (and the round where it was reached),
-* its last evaluation,
 * its window mean ``mean_{a <= t <= b} m_t`` over the evaluations in the window, for all users
   and for each tier's users (``metrics_by_tier``),
 
@@ -65,6 +64,11 @@ class Experiment:
         return self.runs[0].label
 
 
+def record_key(record: dict) -> tuple:
+    """The run an evaluation record of ``results.jsonl`` belongs to: (method, tiers, compressor)."""
+    return record["method"], record["tiers"], record.get("compressor", "none")
+
+
 def read_json_lines(path: Path) -> list:
     """The JSON objects of a JSON-lines file, one per line; a torn last line (a run still writing,
     or killed mid-write) is left out, a bad line elsewhere is an error."""
@@ -102,9 +106,8 @@ def load_runs(folders: list) -> list:
             if not entry.get("trainable", True):
                 continue
             run = Run(folder, _with_defaults(entry["config"]), data, [])
-            run.records = sorted((r for r in records
-                                  if (r["method"], r["tiers"], r.get("compressor", "none"))
-                                  == run.key), key=lambda r: r["round"])
+            run.records = sorted((r for r in records if record_key(r) == run.key),
+                                 key=lambda r: r["round"])
             runs.append(run)
     return runs
 
@@ -176,11 +179,9 @@ def mean_se(values: list) -> tuple:
 
 @dataclasses.dataclass
 class RunSummary:
-    seed: int
     last_round: int
     best: float
     best_round: int
-    final: float
     window: Optional[float]        # None: no evaluation in the window
     window_by_tier: dict
 
@@ -199,9 +200,7 @@ def summarize_run(run: Run, metric: str, window: tuple) -> Optional[RunSummary]:
             if values.get(metric) is not None:
                 by_tier.setdefault(tier, []).append(values[metric])
     return RunSummary(
-        seed=run.config["seed"], last_round=curve[-1]["round"],
-        best=best["metrics"][metric], best_round=best["round"],
-        final=curve[-1]["metrics"][metric],
+        last_round=curve[-1]["round"], best=best["metrics"][metric], best_round=best["round"],
         window=(sum(r["metrics"][metric] for r in inside) / len(inside)) if inside else None,
         window_by_tier={t: sum(v) / len(v) for t, v in by_tier.items()})
 
