@@ -103,8 +103,9 @@ _HELP = {
                     "smaller ones, which it trains in less memory); the same round, to rounding",
     "reg": "L2 weight on the embeddings each batch uses",
     "aggregation": "average what clients hold (model, the reference rule), what they changed "
-                   "(delta), or each item's change over the clients that changed it "
-                   "(item-mean, dense views only)",
+                   "(delta), what they changed with each nested subspace averaged over the clients "
+                   "holding it (nested), or each item's change over the clients that changed "
+                   "it (item-mean, dense views only)",
     "weighting": "a client's weight in the average: its number of interactions (data), or "
                  "that times its capacity (capacity)",
     "fit": "how a hashed device's array is fitted to the global table at download: least "

@@ -137,6 +137,89 @@ def test_delta_aggregation_adds_the_naive_weighted_sum_of_changes(data, method, 
         assert same == (method == "heterofl")
 
 
+def _trained_uploads(runner, data, clients):
+    """``(update, view, weight)`` per client after a local round, and what each downloaded."""
+    uploads, starts = [], []
+    for client in clients:
+        view = runner.view(client)
+        model = runner.download(client, view)
+        starts.append({k: v.clone() for k, v in runner.upload(client, model, view).items()})
+        runner.local_train(client, model, torch.Generator().manual_seed(client))
+        uploads.append((runner.upload(client, model, view), view,
+                        float(data.user_items(client).numel())))
+    return uploads, starts
+
+
+def _projector(spec, n, d):
+    """The orthogonal projection onto a hashed view's subspace as an explicit ``nd x nd``
+    matrix, from its lift ``A`` (column ``j``: slot ``j`` expanded) as ``A (A^T A)^+ A^T``."""
+    if spec is None:
+        return torch.eye(n * d, dtype=torch.float64)
+    lift = torch.stack([fastfair.expand_dense(torch.eye(spec.memory_size)[j], spec,
+                                              backend="reference").flatten()
+                        for j in range(spec.memory_size)], 1).double()
+    return lift @ torch.linalg.pinv(lift.T @ lift) @ lift.T
+
+
+@pytest.mark.parametrize("tiers,full,subspace", [
+    ("2:0-1-3", "dense", "fixed"), ("2:0-1-2-3", "dense", "round"), ("2:0-1-3", "hashed", "fixed"),
+    ("1:0.4,1/2:0.2,1/8:0.4", "dense", "round")])
+def test_nested_aggregation_is_the_least_squares_change(tiers, full, subspace):
+    small = synthetic(num_users=40, num_items=40, dim=8, seed=3, max_interactions=20,
+                      num_negatives=10)
+    n, d = small.num_items, 8
+    runner = FederatedRunner(small, _cfg(method="fair", tiers=tiers, aggregation="nested",
+                                         full_table=full, subspace=subspace))
+    runner.round_index = 2
+    # unequal numbers of devices per tier, so the layers' weights differ
+    clients = [c for t, k in enumerate((3, 1, 2, 2)) if t < len(runner.tiers)
+               for c in torch.nonzero(runner.tier_of == t).flatten()[:k].tolist()]
+    uploads, starts = _trained_uploads(runner, small, clients)
+    total = sum(w for _, _, w in uploads)
+    expect = {}
+    for name, table in runner.tables.items():
+        normal = torch.zeros(n * d, n * d, dtype=torch.float64)
+        rhs = torch.zeros(n * d, dtype=torch.float64)
+        for (update, view, w), start in zip(uploads, starts):
+            delta = (_naive_dense(runner, name, update, view).double()
+                     - _naive_dense(runner, name, start, view).double()).flatten()
+            projector = _projector(view.specs[name], n, d)
+            normal += (w / total) * projector
+            rhs += (w / total) * projector @ delta
+        # minimum norm: a direction no device's subspace holds does not move
+        change = torch.linalg.pinv(normal, hermitian=True) @ rhs
+        expect[name] = (table.double() + change.view(n, d)).float()
+        plain = sum((w / total) * (_naive_dense(runner, name, u, v).double()
+                                   - _naive_dense(runner, name, s0, v).double())
+                    for (u, v, w), s0 in zip(uploads, starts))
+        assert not torch.allclose(change.view(n, d), plain, atol=1e-6), \
+            "the test needs layers whose weights are not all 1"
+    runner.aggregate_uploads(uploads)
+    for name in runner.tables:
+        torch.testing.assert_close(runner.tables[name], expect[name], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("method,tiers", [
+    ("fedhm", "2:0-1-2"), ("heterofl", "2:0-1-2"), ("fedavg-full", "2:0-1-2"),
+    ("exclusion", "2:0-1"), ("fair", "1:1")])
+def test_nested_aggregation_is_delta_where_views_do_not_nest(data, method, tiers):
+    runs = [FederatedRunner(data, _cfg(method=method, tiers=tiers, aggregation=rule))
+            for rule in ("delta", "nested")]
+    for runner in runs:
+        runner.round_index = 1
+    uploads, _ = _trained_uploads(runs[0], data, runs[0].eligible[:9].tolist())
+    for runner in runs:
+        runner.aggregate_uploads(uploads)
+    for name in runs[0].tables:
+        torch.testing.assert_close(runs[1].tables[name], runs[0].tables[name],
+                                   rtol=1e-5, atol=1e-6)
+
+
+def test_nested_aggregation_refuses_subspaces_that_do_not_nest(data):
+    with pytest.raises(ValueError, match="'nested' needs consistent hashing.*fair-inconsistent"):
+        FederatedRunner(data, _cfg(method="fair-inconsistent", aggregation="nested"))
+
+
 def test_hashed_full_tier_holds_an_array_the_size_of_the_table(data):
     n, d = data.num_items, 8
     runner = FederatedRunner(data, _cfg(tiers="2:0-1", full_table="hashed"))

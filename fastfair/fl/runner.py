@@ -76,7 +76,7 @@ OPTIMIZERS = ("adam", "sgd")
 OPTIMIZER_STATES = ("fresh", "persistent")
 LOSSES = ("bpr", "bce")
 ASSIGNMENTS = ("random", "activity", "id")
-AGGREGATIONS = ("model", "delta", "item-mean")
+AGGREGATIONS = ("model", "delta", "item-mean", "nested")
 WEIGHTINGS = ("data", "capacity")
 NEGATIVE_SAMPLINGS = ("uniform", "unseen")
 LOCAL_KERNELS = ("auto", "fused", "autograd")
@@ -126,6 +126,19 @@ class Config:
     ``W <- W + sum_c p_c (expand_c(w_c) - expand_c(w_c^0))`` with ``w_c^0`` the download, so the
     part of ``W`` a small view cannot represent is kept instead of being replaced by its
     projection every round. The two agree for dense views and HeteroFL's column slices.
+    ``"nested"`` is the delta rule with each part of the table averaged over the devices whose
+    view holds it, HeteroFL's per-coordinate mean carried over to FAIR's nested subspaces. The
+    round's consistent hashed views span subspaces ``S_1 < S_2 < ... < S_L`` (the dense table,
+    if a full device took part, is the largest); their orthogonal layers ``L_l = S_l - S_{l-1}``
+    are held by the devices of size ``l`` and above, of total weight ``W_l``. With ``Delta =
+    sum_c p_c Delta_c`` the delta rule's change (``p`` summing to 1) and ``P_l`` the projection
+    onto ``S_l`` (``expand(project(.))``), the table moves by ``sum_l (P_l - P_{l-1}) Delta /
+    W_l``: the least-squares change ``argmin sum_c p_c ||P_c X - Delta_c||^2`` with each layer
+    no device held left unchanged. Under the delta rule a layer is scaled by ``W_l`` instead,
+    so a full device's change outside the small arrays' subspaces arrives at ``W_L`` of itself
+    (about 0.6 with half of each Goodreads round's clients small). Low-rank views (FedHM) can
+    change any entry and count as holding the whole table, and HeteroFL's columns are averaged
+    per column as always, so for them, as for dense views, it is the delta rule.
     ``"item-mean"`` (dense views only: ``fedavg-full``, ``exclusion``) moves each item's rows by
     the mean change over the devices that changed that row, ``W[i] <- W[i] + mean_{c: G_c[i] !=
     0} G_c[i]``, instead of a data-size weighted mean in which devices that never saw the item
@@ -301,6 +314,9 @@ class Config:
         if self.aggregation == "item-mean" and self.method not in ITEM_MEAN_METHODS:
             raise ValueError(f"aggregation 'item-mean' needs every view dense (methods "
                              f"{', '.join(ITEM_MEAN_METHODS)}), not method {self.method!r}")
+        if self.aggregation == "nested" and self.method == "fair-inconsistent":
+            raise ValueError("aggregation 'nested' needs consistent hashing: the per-device "
+                             "subspaces of method 'fair-inconsistent' do not nest")
         if self.clients_per_round > data.num_users:
             raise ValueError(f"clients_per_round={self.clients_per_round} is larger than the "
                              f"number of clients ({data.num_users} users)")
@@ -905,9 +921,12 @@ class FederatedRunner(RoundRunner):
                 big = self._this_round(max((s for s in self.tier_specs[name] if s is not None),
                                            key=lambda s: s.memory_size))
                 acc += expand_dense(aggregate(arrays, weights, big.memory_size), big)
-            if self.cfg.aggregation == "delta":
+            if self.cfg.aggregation in ("delta", "nested"):
                 self._add_lost_part(name, acc, [(view.specs[name], w / total)
                                                 for _, view, w in uploads])
+            if self.cfg.aggregation == "nested" and self.cfg.method != "heterofl":
+                acc = self._nested_mean(name, acc, [(view.specs[name], w / total)
+                                                    for _, view, w in uploads])
             if self.cfg.method == "heterofl":
                 held = column_weight > 0
                 acc[:, held] /= column_weight[held].float()
@@ -946,6 +965,28 @@ class FederatedRunner(RoundRunner):
             else:
                 represented = expand_dense(self._projection(name, spec), spec)
             acc.add_(table - represented, alpha=p)
+
+    def _nested_mean(self, name: str, acc: Tensor, views: list) -> Tensor:
+        """Nested aggregation: the delta rule's ``acc = W + Delta`` turned into ``W + sum_l
+        (P_l - P_{l-1}) Delta / W_l`` over the round's nested hashed views (see ``Config``),
+        computed as ``Delta / W_L + sum_{l<L} (1/W_l - 1/W_{l+1}) P_l Delta``."""
+        held: dict = {}  # memory size -> (spec, weight of the devices of that size); None: all
+        for spec, p in views:
+            key = spec.memory_size if isinstance(spec, HashSpec) else None
+            held[key] = (spec, held.get(key, (spec, 0.0))[1] + p)
+        sizes = sorted((k for k in held if k is not None), reverse=True)
+        levels = ([None] if None in held else []) + sizes  # largest first
+        delta = acc - self.tables[name]
+        above, weights = 0.0, []
+        for key in levels:
+            above += held[key][1]
+            weights.append(above)  # W_l: the devices holding layer l, its own size and up
+        change = delta / weights[0]
+        for key, w_l, w_up in zip(levels[1:], weights[1:], weights):
+            spec = held[key][0]
+            projected = expand_dense(project_dense(delta, spec, self.counts(spec)), spec)
+            change.add_(projected, alpha=1 / w_l - 1 / w_up)
+        return self.tables[name] + change
 
     # ------------------------------------------------------------------ the round's steps
     # (RoundRunner.run_round calls them; see fastfair.fl.rounds)
