@@ -128,8 +128,9 @@ def _assert_same_records(expected, got):
     dict(full_table="hashed", aggregation="delta"),
     # every round's seed must reach the nodes: a node hashing with another gives other tables
     dict(subspace="round", aggregation="delta", rounds=3),
+    dict(tiers="2:0-1-3", subspace="round", aggregation="nested", rounds=3),
 ], ids=["fair", "fedhm", "heterofl", "fair-inconsistent", "mf-dropout-persistent-delta",
-        "actions", "topk", "refit-user-step", "hashed-full", "round-subspace"])
+        "actions", "topk", "refit-user-step", "hashed-full", "round-subspace", "nested"])
 def test_loopback_equals_in_process(data, kwargs):
     cfg = _config(**kwargs)
     runner, expected = _in_process(data, cfg)
