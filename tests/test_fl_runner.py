@@ -86,6 +86,20 @@ def test_aggregation_equals_the_naive_weighted_sum_of_uploads(data, method, tier
         torch.testing.assert_close(runner.tables[name], expect[name], rtol=1e-5, atol=1e-6)
 
 
+def _trained_uploads(runner, data, clients):
+    """``(update, view, weight)`` per client after a local round, and what each downloaded."""
+    uploads, starts = [], []
+    for client in clients:
+        view = runner.view(client)
+        model = runner.download(client, view)
+        # what the client was sent (upload() hands out the live parameters: copy them)
+        starts.append({k: v.clone() for k, v in runner.upload(client, model, view).items()})
+        runner.local_train(client, model, torch.Generator().manual_seed(client))
+        uploads.append((runner.upload(client, model, view), view,
+                        float(data.user_items(client).numel())))
+    return uploads, starts
+
+
 @pytest.mark.parametrize("method,tiers,full,fit,subspace", [
     ("fair", "2:0-1-2-3", "dense", "plain", "fixed"),
     ("fair-inconsistent", "2:0-1-2", "dense", "plain", "fixed"),
@@ -102,15 +116,7 @@ def test_delta_aggregation_adds_the_naive_weighted_sum_of_changes(data, method, 
                                         full_table=full, fit=fit, subspace=subspace))
     runner.round_index = 3
     before = {name: t.clone() for name, t in runner.tables.items()}
-    uploads, starts = [], []
-    for client in runner.eligible[:12].tolist():
-        view = runner.view(client)
-        model = runner.download(client, view)
-        # what the client was sent (upload() hands out the live parameters: copy them)
-        starts.append({k: v.clone() for k, v in runner.upload(client, model, view).items()})
-        runner.local_train(client, model, torch.Generator().manual_seed(client))
-        uploads.append((runner.upload(client, model, view), view,
-                        float(data.user_items(client).numel())))
+    uploads, starts = _trained_uploads(runner, data, runner.eligible[:12].tolist())
     assert len({v.tier for _, v, _ in uploads}) >= 2
     expect = {}
     for name in runner.tables:
@@ -135,19 +141,6 @@ def test_delta_aggregation_adds_the_naive_weighted_sum_of_changes(data, method, 
         # Lossy views lose the part of the table they cannot represent under the reference rule.
         same = torch.allclose(model_rule.tables[name], expect[name], rtol=1e-5, atol=1e-6)
         assert same == (method == "heterofl")
-
-
-def _trained_uploads(runner, data, clients):
-    """``(update, view, weight)`` per client after a local round, and what each downloaded."""
-    uploads, starts = [], []
-    for client in clients:
-        view = runner.view(client)
-        model = runner.download(client, view)
-        starts.append({k: v.clone() for k, v in runner.upload(client, model, view).items()})
-        runner.local_train(client, model, torch.Generator().manual_seed(client))
-        uploads.append((runner.upload(client, model, view), view,
-                        float(data.user_items(client).numel())))
-    return uploads, starts
 
 
 def _projector(spec, n, d):
