@@ -921,12 +921,11 @@ class FederatedRunner(RoundRunner):
                 big = self._this_round(max((s for s in self.tier_specs[name] if s is not None),
                                            key=lambda s: s.memory_size))
                 acc += expand_dense(aggregate(arrays, weights, big.memory_size), big)
+            views = [(view.specs[name], w / total) for _, view, w in uploads]
             if self.cfg.aggregation in ("delta", "nested"):
-                self._add_lost_part(name, acc, [(view.specs[name], w / total)
-                                                for _, view, w in uploads])
+                self._add_lost_part(name, acc, views)
             if self.cfg.aggregation == "nested" and self.cfg.method != "heterofl":
-                acc = self._nested_mean(name, acc, [(view.specs[name], w / total)
-                                                    for _, view, w in uploads])
+                acc = self._nested_mean(name, acc, views)
             if self.cfg.method == "heterofl":
                 held = column_weight > 0
                 acc[:, held] /= column_weight[held].float()
