@@ -46,6 +46,20 @@ def _naive_dense(runner, name, update, view):
     return fastfair.expand_dense(update[f"{key}.weight"], spec, backend="reference")
 
 
+def _trained_uploads(runner, data, clients):
+    """``(update, view, weight)`` per client after a local round, and what each downloaded."""
+    uploads, starts = [], []
+    for client in clients:
+        view = runner.view(client)
+        model = runner.download(client, view)
+        # what the client was sent (upload() hands out the live parameters: copy them)
+        starts.append({k: v.clone() for k, v in runner.upload(client, model, view).items()})
+        runner.local_train(client, model, torch.Generator().manual_seed(client))
+        uploads.append((runner.upload(client, model, view), view,
+                        float(data.user_items(client).numel())))
+    return uploads, starts
+
+
 @pytest.mark.parametrize("method,tiers,full,subspace", [
     ("fair", "2:0-1-2-3", "dense", "fixed"), ("fair-inconsistent", "2:0-1-2-3", "dense", "fixed"),
     ("fedhm", "2:0-1-2-3", "dense", "fixed"), ("heterofl", "2:0-1-2", "dense", "fixed"),
@@ -59,13 +73,7 @@ def test_aggregation_equals_the_naive_weighted_sum_of_uploads(data, method, tier
     runner = FederatedRunner(data, _cfg(method=method, tiers=tiers, full_table=full,
                                         subspace=subspace))
     runner.round_index = 3  # a round whose seeds are not the run's own
-    uploads = []
-    for client in runner.eligible[:16].tolist():
-        view = runner.view(client)
-        model = runner.download(client, view)
-        runner.local_train(client, model, torch.Generator().manual_seed(client))
-        uploads.append((runner.upload(client, model, view), view,
-                        float(data.user_items(client).numel())))
+    uploads, _ = _trained_uploads(runner, data, runner.eligible[:16].tolist())
     trainable = set(range(len(runner.tiers))) - set(runner.unsupported)
     assert len(trainable) >= 3 and {v.tier for _, v, _ in uploads} == trainable, \
         "every tier must take part"
@@ -84,20 +92,6 @@ def test_aggregation_equals_the_naive_weighted_sum_of_uploads(data, method, tier
     runner.aggregate_uploads(uploads)
     for name in runner.tables:
         torch.testing.assert_close(runner.tables[name], expect[name], rtol=1e-5, atol=1e-6)
-
-
-def _trained_uploads(runner, data, clients):
-    """``(update, view, weight)`` per client after a local round, and what each downloaded."""
-    uploads, starts = [], []
-    for client in clients:
-        view = runner.view(client)
-        model = runner.download(client, view)
-        # what the client was sent (upload() hands out the live parameters: copy them)
-        starts.append({k: v.clone() for k, v in runner.upload(client, model, view).items()})
-        runner.local_train(client, model, torch.Generator().manual_seed(client))
-        uploads.append((runner.upload(client, model, view), view,
-                        float(data.user_items(client).numel())))
-    return uploads, starts
 
 
 @pytest.mark.parametrize("method,tiers,full,fit,subspace", [
